@@ -1,0 +1,73 @@
+"""Reference catalogs: a CSV manifest (song_id,title,path[,extra columns]) or a folder of audio."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+REQUIRED_COLUMNS = ("song_id", "title", "path")
+
+
+class RefsError(ValueError):
+    """A reference list that cannot be used; the message names the file, row and problem."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    song_id: str
+    title: str
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_refs_csv(csv_path: Path) -> list[Reference]:
+    """Parse and check a refs CSV; relative paths are relative to the CSV's folder."""
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise RefsError(f"{csv_path}: missing column(s) {', '.join(missing)} (header must include song_id,title,path)")
+            rows = list(reader)
+    except FileNotFoundError:
+        raise RefsError(f"{csv_path}: refs file not found") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise RefsError(f"{csv_path}: not a readable CSV ({exc})") from None
+    refs, seen = [], {}
+    for line, row in enumerate(rows, start=2):
+        song_id = (row.get("song_id") or "").strip()
+        if not song_id:
+            raise RefsError(f"{csv_path}:{line}: empty song_id")
+        if song_id in seen:
+            raise RefsError(f"{csv_path}:{line}: duplicate song_id {song_id!r} (first on line {seen[song_id]})")
+        seen[song_id] = line
+        raw_path = (row.get("path") or "").strip()
+        path = Path(raw_path) if Path(raw_path).is_absolute() else csv_path.parent / raw_path
+        if not raw_path or not path.is_file():
+            raise RefsError(f"{csv_path}:{line}: audio file not found: {raw_path!r}")
+        extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS and k is not None and v is not None}
+        refs.append(Reference(song_id, (row.get("title") or song_id).strip(), path, extra))
+    if not refs:
+        raise RefsError(f"{csv_path}: no references listed")
+    return refs
+
+
+def read_refs_folder(folder: Path) -> list[Reference]:
+    """Every audio file under `folder`; song_id is the path relative to it, without suffix."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    if not files:
+        raise RefsError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) found")
+    return [Reference(str(p.relative_to(folder).with_suffix("")), p.stem, p) for p in files]
+
+
+def read_refs(source: Path) -> list[Reference]:
+    """References from a CSV file or a folder of audio files."""
+    if source.is_dir():
+        return read_refs_folder(source)
+    return read_refs_csv(source)

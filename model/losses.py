@@ -1,0 +1,59 @@
+"""Training losses. Each returns a scalar tensor; `cover_loss` combines them with named terms.
+
+Letters: B batch, D embedding dims, K classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-hard triplet loss on cosine distance.
+
+    embeddings (B, D) (normalised here), labels (B,) int. For each anchor: the farthest
+    positive and the nearest negative in the batch; loss = mean(relu(d_pos - d_neg + margin)).
+    Anchors with no positive or no negative in the batch are ignored.
+    """
+    assert embeddings.ndim == 2 and labels.ndim == 1 and len(labels) == len(embeddings)
+    unit = F.normalize(embeddings, dim=1)
+    distance = 1.0 - unit @ unit.T  # (B, B) cosine distance in [0, 2]
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive = same & ~eye
+    negative = ~same
+    valid = positive.any(1) & negative.any(1)
+    if not valid.any():
+        return embeddings.sum() * 0.0
+    hardest_positive = torch.where(positive, distance, torch.full_like(distance, -1.0)).max(1).values
+    hardest_negative = torch.where(negative, distance, torch.full_like(distance, 3.0)).min(1).values
+    return F.relu(hardest_positive - hardest_negative + margin)[valid].mean()
+
+
+def cover_loss(
+    metric: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    triplet_weight: float,
+    ce_weight: float,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Triplet on the metric embedding + cross-entropy on the BNNeck classifier.
+
+    metric (B, D), logits (B, K), labels (B,). A term with weight 0 is not computed.
+    Returns (total, {"triplet": .., "ce": ..}).
+    """
+    total = metric.new_zeros(())
+    terms: dict[str, float] = {}
+    if triplet_weight > 0:
+        triplet = batch_hard_triplet(metric, labels, margin)
+        total = total + triplet_weight * triplet
+        terms["triplet"] = float(triplet.detach())
+    if ce_weight > 0:
+        ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        total = total + ce_weight * ce
+        terms["ce"] = float(ce.detach())
+    return total, terms

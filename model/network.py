@@ -1,0 +1,167 @@
+"""The cover-song encoder: log-CQT frames of any length -> one 512-d unit vector.
+
+    (B, T, F) log-CQT
+      -> per-window standardisation (loudness and recording level drop out)
+      -> conv stem, stride 4 in frequency and 8 in time (T/8 tokens, ~5.4 per second)
+      -> pre-norm Transformer encoder with sinusoidal positions
+      -> attentive statistics pooling (weighted mean and std over time)
+      -> linear projection to D (the metric embedding, trained with the triplet loss)
+      -> BNNeck (batch norm) -> L2 normalisation: the retrieval embedding
+    The classifier (training only) reads the BNNeck output, as in CoverHunter/ByteCover.
+
+Letters: B batch, T frames, F CQT bins, D embedding dims, N tokens, C channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamer.audio import N_BINS
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Everything needed to rebuild the network; stored in checkpoints and the ONNX sidecar."""
+
+    n_bins: int = N_BINS
+    stem_channels: int = 32
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 512
+    embedding_dim: int = 512
+    n_classes: int = 1
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TIME_STRIDE = 8  # frames per token after the stem
+
+
+class ConvStem(nn.Module):
+    """(B, T, F) -> (B, ceil(T/8), d_model): three strided 3x3 conv blocks, then a linear map."""
+
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        c = dims.stem_channels
+
+        def block(c_in: int, c_out: int, stride: tuple[int, int]) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            )
+
+        # Strides are (time, frequency): time /8 and frequency /4 in total; a token keeps
+        # 21 frequency cells x C channels, enough for the channels to carry semitone detail.
+        self.blocks = nn.Sequential(block(1, c, (2, 2)), block(c, c, (2, 2)), block(c, c, (2, 1)))
+        f_out = (dims.n_bins + 3) // 4
+        self.proj = nn.Linear(c * f_out, dims.d_model)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(frames.unsqueeze(1))  # (B, C, T/8, F/2)
+        x = x.permute(0, 2, 1, 3).flatten(2)  # (B, T/8, C*F/2)
+        return self.proj(x)
+
+
+def sinusoidal_positions(n_tokens: int, d_model: int, device: torch.device) -> torch.Tensor:
+    """(N, d_model) fixed sinusoidal position codes; computed per call so any length works."""
+    position = torch.arange(n_tokens, device=device, dtype=torch.float32).unsqueeze(1)
+    freqs = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    angles = position * freqs  # (N, d_model/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.n_heads = dims.n_heads
+        self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model)
+        self.out = nn.Linear(dims.d_model, dims.d_model)
+        self.dropout = dims.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(dims.d_model)
+        self.attn = SelfAttention(dims)
+        self.ln_mlp = nn.LayerNorm(dims.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(dims.d_model, dims.d_ff),
+            nn.GELU(),
+            nn.Linear(dims.d_ff, dims.d_model),
+            nn.Dropout(dims.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class AttentiveStatsPooling(nn.Module):
+    """(B, N, d) -> (B, 2d): attention-weighted mean and standard deviation over tokens."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.Tanh(), nn.Linear(d_model // 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.score(x), dim=1)  # (B, N, 1)
+        mean = (weights * x).sum(dim=1)
+        var = (weights * (x - mean.unsqueeze(1)) ** 2).sum(dim=1)
+        return torch.cat([mean, torch.sqrt(var.clamp_min(1e-6))], dim=1)
+
+
+def standardise(frames: torch.Tensor) -> torch.Tensor:
+    """Per-window standardisation of (B, T, F) log-CQT: zero mean, unit variance per item."""
+    mean = frames.mean(dim=(1, 2), keepdim=True)
+    std = frames.std(dim=(1, 2), keepdim=True)
+    return (frames - mean) / (std + 1e-3)
+
+
+class CoverEncoder(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.dims = dims
+        self.stem = ConvStem(dims)
+        self.blocks = nn.ModuleList(TransformerBlock(dims) for _ in range(dims.n_layers))
+        self.ln_final = nn.LayerNorm(dims.d_model)
+        self.pool = AttentiveStatsPooling(dims.d_model)
+        self.project = nn.Linear(2 * dims.d_model, dims.embedding_dim)
+        self.neck = nn.BatchNorm1d(dims.embedding_dim)
+        self.classifier = nn.Linear(dims.embedding_dim, dims.n_classes, bias=False)
+
+    def features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) -> (metric embedding (B, D), BNNeck output (B, D))."""
+        assert frames.ndim == 3, f"expected (B, T, F) frames, got shape {tuple(frames.shape)}"
+        x = self.stem(standardise(frames))
+        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
+        for block in self.blocks:
+            x = block(x)
+        metric = self.project(self.pool(self.ln_final(x)))
+        return metric, self.neck(metric)
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) log-CQT -> (B, D) L2-normalised embedding. The only method exported to ONNX."""
+        _, necked = self.features(frames)
+        return F.normalize(necked, dim=1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.embed(frames)

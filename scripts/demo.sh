@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up coverwatch on a fresh Debian machine and run the daemon's main job on the bundled
+# default: the shipped model, a rendered demo catalog, and a demo stream with covers in it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+# fluidsynth + MuseScore General render the demo; libsndfile decodes audio; libportaudio2 is for mic capture.
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends fluidsynth musescore-general-soundfont libsndfile1 libportaudio2 >/dev/null
+
+# The daemon itself needs no torch; the data extra adds music21 + pretty_midi for rendering the demo.
+python3 -m pip install -q -e '.[data]'
+
+coverwatch --config config.toml demo "$@"

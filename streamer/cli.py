@@ -1,0 +1,233 @@
+"""The `coverwatch` command line: serve, identify, index build|add|info, and the training-side
+commands (data, train, export, evaluate, demo) that need the `train`/`data` extras.
+
+Each command returns a named exit code; errors the user can fix print one line naming the
+problem on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from index_builder.refs import RefsError, read_refs
+from streamer.artifacts import ArtifactError, resolve_model_dir
+from streamer.audio import AudioError
+from streamer.config import Config, ConfigError, load_config, replace_section
+from streamer.daemon import ExitCode, Server
+
+log = logging.getLogger("coverwatch")
+
+USER_ERRORS = (ConfigError, ArtifactError, AudioError, RefsError, ValueError, OSError)
+
+
+def setup_logging(level: str) -> None:
+    """Structured one-line logs on stderr (stdout is reserved for events and results)."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+        force=True,
+    )
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    if getattr(args, "index", None):
+        cfg = replace_section(cfg, "index", path=str(args.index))
+    if getattr(args, "model", None):
+        cfg = replace_section(cfg, "model", path=str(args.model))
+    return cfg
+
+
+def cmd_serve(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    return Server(cfg, args.source, fast=args.fast, stream_id=args.stream_id).run()
+
+
+def _embedder(cfg: Config):
+    from streamer.embedder import Embedder
+
+    return Embedder(resolve_model_dir(cfg.model.path), cfg.model.threads)
+
+
+def cmd_identify(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from index_builder.store import load_index
+    from streamer.identify import identify_file
+
+    embedder = _embedder(cfg)
+    index = load_index(Path(cfg.index.path), expected_model_hash=embedder.info.model_hash)
+    failed = 0
+    for path in args.files:
+        try:
+            record = identify_file(embedder, index, Path(path), args.top_k, max(cfg.stream.windows_s))
+        except AudioError as exc:
+            failed += 1
+            record = {"file": path, "error": str(exc)}
+            log.error("%s", exc)
+        print(json.dumps(record) if args.json else _format_matches(record), flush=True)
+    return ExitCode.FAILURE if failed else ExitCode.OK
+
+
+def _format_matches(record: dict) -> str:
+    if "error" in record:
+        return f"{record['file']}: ERROR {record['error']}"
+    lines = [f"{record['file']}:"] + [f"  {m['score']:.3f}  {m['song_id']}  {m['title']}" for m in record["matches"]]
+    return "\n".join(lines)
+
+
+def cmd_index(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from index_builder.build import add_to_index, build_index, index_info
+
+    if args.index_command == "info":
+        print(json.dumps(index_info(Path(args.index_dir)), indent=2))
+        return ExitCode.OK
+    refs = read_refs(Path(args.refs))
+    embedder = _embedder(cfg)
+    if args.index_command == "build":
+        build_cfg = cfg.index_build if not args.type else replace_section(cfg, "index_build", index_type=args.type).index_build
+        store = build_index(refs, Path(args.out), embedder, build_cfg)
+        target = args.out
+    else:
+        store = add_to_index(Path(args.index_dir), refs, embedder, cfg.index_build)
+        target = args.index_dir
+    print(json.dumps({"index_dir": str(target), "songs": len(store.songs), "vectors": store.n_vectors, "calibration": store.calibration}))
+    return ExitCode.OK
+
+
+def cmd_train(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from model.train import TrainPaths, train
+
+    cache = Path(args.cache) if args.cache else Path(args.out) / "features"
+    metrics = train(cfg.train, TrainPaths(Path(args.manifest), Path(args.out), cache))
+    print(json.dumps(metrics))
+    return ExitCode.OK
+
+
+def cmd_export(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from model.export import export_model
+
+    info = export_model(Path(args.checkpoint), Path(args.out))
+    print(json.dumps(info.to_dict()))
+    return ExitCode.OK
+
+
+def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from model.dataset import build_cover_dataset, build_demo
+
+    if args.data_command == "build":
+        path = build_cover_dataset(
+            Path(args.out), n_groups=args.groups, versions_per_group=args.versions, seed=args.seed, max_seconds=args.max_seconds
+        )
+    else:
+        path = build_demo(Path(args.out))
+    print(str(path))
+    return ExitCode.OK
+
+
+def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from model.evaluate import evaluate_heldout
+
+    report = evaluate_heldout(Path(args.manifest), resolve_model_dir(cfg.model.path), Path(args.report), cfg.model.threads, args.split)
+    print(json.dumps(report))
+    return ExitCode.OK
+
+
+def cmd_demo(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from streamer.demo import run_demo
+
+    return run_demo(cfg, Path(args.workdir) if args.workdir else None, realtime=args.realtime)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coverwatch", description="Live cover-song identification.")
+    parser.add_argument("--config", default=None, help="config.toml (default: built-in defaults)")
+    parser.add_argument("--log-level", default=None, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="monitor a live source and print match events")
+    serve.add_argument("--index", help="index folder (overrides [index] path)")
+    serve.add_argument("--model", help="model folder (overrides [model] path)")
+    serve.add_argument("--source", default="mic", help="file:PATH, mic or mic:DEVICE")
+    serve.add_argument("--fast", action="store_true", help="feed files as fast as possible, not at real-time pace")
+    serve.add_argument("--stream-id", default=None, help="stream name in events (default: file stem or 'mic')")
+    serve.set_defaults(func=cmd_serve)
+
+    identify = sub.add_parser("identify", help="rank catalog songs for whole audio files")
+    identify.add_argument("--index")
+    identify.add_argument("--model")
+    identify.add_argument("--top-k", type=int, default=5)
+    identify.add_argument("--json", action="store_true", help="one JSON object per file")
+    identify.add_argument("files", nargs="+")
+    identify.set_defaults(func=cmd_identify)
+
+    index = sub.add_parser("index", help="build, extend or inspect a reference index")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser("build")
+    build.add_argument("--refs", required=True, help="refs CSV (song_id,title,path) or a folder of audio")
+    build.add_argument("--out", required=True)
+    build.add_argument("--type", choices=("flat", "ivf", "hnsw"), default=None)
+    build.add_argument("--model")
+    add = index_sub.add_parser("add")
+    add.add_argument("index_dir")
+    add.add_argument("--refs", required=True)
+    add.add_argument("--model")
+    info = index_sub.add_parser("info")
+    info.add_argument("index_dir")
+    index.set_defaults(func=cmd_index)
+
+    train = sub.add_parser("train", help="train the encoder (needs the train extra)")
+    train.add_argument("--manifest", required=True, help="dataset manifest.csv (group_id,path[,split])")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, curve")
+    train.add_argument("--cache", default=None, help="CQT feature cache (default OUT/features)")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="export a checkpoint to ONNX + sidecar")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
+
+    data = sub.add_parser("data", help="render cover-group datasets (needs the data extra)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_build = data_sub.add_parser("build")
+    data_build.add_argument("--out", required=True)
+    data_build.add_argument("--groups", type=int, default=1200)
+    data_build.add_argument("--versions", type=int, default=4)
+    data_build.add_argument("--seed", type=int, default=0)
+    data_build.add_argument("--max-seconds", type=float, default=40.0, help="each version is cut at this length")
+    data_demo = data_sub.add_parser("demo")
+    data_demo.add_argument("--out", required=True)
+    data.set_defaults(func=cmd_data)
+
+    evaluate = sub.add_parser("evaluate", help="held-out retrieval figures vs the chroma baseline")
+    evaluate.add_argument("--manifest", required=True)
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--model")
+    evaluate.add_argument("--report", default="bench/MODEL_RESULTS.md")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="generate the demo catalog and stream, then monitor it")
+    demo.add_argument("--workdir", default=None, help="where demo data is cached (default ~/.cache/coverwatch/demo)")
+    demo.add_argument("--realtime", action="store_true", help="play the stream at real-time pace")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        print(f"coverwatch: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    setup_logging(args.log_level or cfg.logging.level)
+    try:
+        return int(args.func(args, cfg))
+    except USER_ERRORS as exc:
+        print(f"coverwatch: error: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED

@@ -1,0 +1,236 @@
+"""Typed configuration: one frozen dataclass per `config.toml` section.
+
+`load_config(path)` reads the file once with tomllib, checks every key, type and range,
+and raises `ConfigError` listing *all* problems at once ("did you mean" for unknown keys).
+Durations are stated in seconds; nothing derived (frames, samples) is stored here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem found."""
+
+
+def _rng(lo: float | None = None, hi: float | None = None, choices: tuple = ()) -> dict:
+    return {"min": lo, "max": hi, "choices": choices}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, choices: tuple = ()) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=_rng(lo, hi, choices))
+    return field(default=default, metadata=_rng(lo, hi, choices))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("")  # folder with cqt.onnx, encoder.onnx, model.json; "" = the bundled default
+    threads: int = _f(2, 1, 256)  # onnxruntime intra-op threads
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    path: str = _f("")  # index folder made by `coverwatch index build`
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    windows_s: list[float] = _f([10.0, 20.0, 40.0], 3.0, 600.0)  # window lengths embedded each hop
+    hop_s: float = _f(2.5, 0.25, 60.0)  # time between decisions
+    chunk_s: float = _f(0.5, 0.01, 60.0)  # block size when reading files
+    silence_dbfs: float = _f(-55.0, -120.0, 0.0)  # windows quieter than this (RMS) are not embedded
+    top_k: int = _f(20, 1, 1000)  # neighbours fetched per window
+
+
+@dataclass(frozen=True)
+class DecisionConfig:
+    start_threshold: float = _f(0.0, -1.0, 1.0)  # 0 = use the calibrated value from the index manifest
+    end_threshold: float = _f(0.0, -1.0, 1.0)  # 0 = calibrated
+    start_hops: int = _f(2, 1, 100)  # hops a song must lead above start_threshold before match_start
+    end_hops: int = _f(3, 1, 100)  # hops below end_threshold before match_end
+    history_hops: int = _f(8, 1, 1000)  # per-song score history kept per stream
+
+
+@dataclass(frozen=True)
+class MicConfig:
+    device: str = _f("")  # PortAudio device name or index; "" = system default
+    sample_rate: int = _f(48000, 8000, 384000)
+    channels: int = _f(1, 1, 64)
+    block_s: float = _f(0.1, 0.005, 5.0)
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    stdout: bool = _f(True)
+    file: str = _f("")  # JSON-lines file to append events to; "" = none
+
+
+@dataclass(frozen=True)
+class IndexBuildConfig:
+    segment_s: float = _f(20.0, 3.0, 600.0)  # reference segment length
+    segment_hop_s: float = _f(10.0, 1.0, 600.0)  # hop between reference segments
+    whole_track: bool = _f(True)  # also index each whole track
+    index_type: str = _f("flat", choices=("flat", "ivf", "hnsw"))
+    impostor_quantile: float = _f(0.999, 0.5, 1.0)  # calibration: quantile of non-matching scores
+    batch_size: int = _f(16, 1, 4096)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _f(2500, 1)
+    groups_per_batch: int = _f(8, 2)
+    versions_per_group: int = _f(4, 2)
+    crop_min_s: float = _f(5.0, 3.0)
+    crop_max_s: float = _f(20.0, 3.0)
+    lr: float = _f(1e-3, 0.0, 1.0)
+    warmup_steps: int = _f(150, 0)
+    min_lr_fraction: float = _f(0.02, 0.0, 1.0)
+    weight_decay: float = _f(1e-4, 0.0, 1.0)
+    triplet_margin: float = _f(0.3, 0.0, 2.0)
+    triplet_weight: float = _f(1.0, 0.0)
+    ce_weight: float = _f(1.0, 0.0)
+    label_smoothing: float = _f(0.1, 0.0, 0.9)
+    pitch_shift_bins: int = _f(6, 0, 24)  # random CQT roll, in semitones
+    tempo_min: float = _f(0.8, 0.25, 1.0)  # random time-stretch of CQT frames
+    tempo_max: float = _f(1.25, 1.0, 4.0)
+    freq_mask_bins: int = _f(8, 0, 84)  # SpecAugment
+    time_mask_fraction: float = _f(0.1, 0.0, 0.5)
+    eval_every: int = _f(250, 1)
+    checkpoint_every: int = _f(100, 1)
+    seed: int = _f(0)
+    d_model: int = _f(192, 16)
+    n_layers: int = _f(4, 1)
+    n_heads: int = _f(4, 1)
+    d_ff: int = _f(384, 16)
+    stem_channels: int = _f(24, 4)
+    embedding_dim: int = _f(512, 8)
+    dropout: float = _f(0.1, 0.0, 0.9)
+    threads: int = _f(2, 1, 256)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _f("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    mic: MicConfig = field(default_factory=MicConfig)
+    sinks: SinkConfig = field(default_factory=SinkConfig)
+    index_build: IndexBuildConfig = field(default_factory=IndexBuildConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_scalar(value: Any, tp: type, meta: dict, where: str, errors: list[str]) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        errors.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices") or ()
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        errors.append(f"{where}: {value!r} is out of range {bounds}")
+    if choices and value not in choices:
+        errors.append(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            errors.append(f"{prefix}{key}: unknown key{suggestion}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in table:
+            continue
+        value, tp, where = table[f.name], hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                errors.append(f"{where}: expected a [{where}] table, got {type(value).__name__}")
+                continue
+            values[f.name] = _build(tp, value, f"{where}.", errors)
+        elif typing.get_origin(tp) is list:
+            (item_tp,) = typing.get_args(tp)
+            if not isinstance(value, list) or not value:
+                errors.append(f"{where}: expected a non-empty list of {_type_name(item_tp)}")
+                continue
+            values[f.name] = [_check_scalar(v, item_tp, f.metadata, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+        else:
+            values[f.name] = _check_scalar(value, tp, f.metadata, where, errors)
+    if errors:
+        return None
+    return cls(**values)
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    errors = []
+    if cfg.train.crop_min_s > cfg.train.crop_max_s:
+        errors.append("train.crop_min_s must not exceed train.crop_max_s")
+    if cfg.train.tempo_min > cfg.train.tempo_max:
+        errors.append("train.tempo_min must not exceed train.tempo_max")
+    if cfg.train.d_model % cfg.train.n_heads:
+        errors.append("train.d_model must be divisible by train.n_heads")
+    if cfg.decision.end_threshold and cfg.decision.start_threshold and cfg.decision.end_threshold > cfg.decision.start_threshold:
+        errors.append("decision.end_threshold must not exceed decision.start_threshold (hysteresis)")
+    if sorted(cfg.stream.windows_s) != cfg.stream.windows_s or len(set(cfg.stream.windows_s)) != len(cfg.stream.windows_s):
+        errors.append("stream.windows_s must be strictly increasing")
+    return errors
+
+
+def parse_config(table: dict, source: str = "<config>") -> Config:
+    """Build a validated `Config` from a parsed TOML table; raise ConfigError listing all problems."""
+    errors: list[str] = []
+    cfg = _build(Config, table, "", errors)
+    if cfg is not None:
+        errors.extend(_cross_checks(cfg))
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a config file; `None` gives the defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(table, str(path))
+
+
+def replace_section(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of `cfg` with fields of one section replaced (for command-line overrides)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "replace_section"]

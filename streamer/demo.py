@@ -1,0 +1,95 @@
+"""`coverwatch demo`: the daemon's main job on the bundled default, end to end.
+
+1. render (once, cached) a demo catalog of ~30 folk tunes and a ~5-minute stream in which
+   some catalog tunes are played as covers (other instrument, key, tempo, accompaniment)
+   between out-of-catalog tunes, silence and noise (model/dataset.py: build_demo);
+2. build (once per model) an index of the catalog with the shipped model;
+3. run the real daemon (`Server`) over the stream, printing match events as they happen;
+4. print which plays were caught and missed, and any false match, against the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from index_builder.build import build_index
+from index_builder.refs import read_refs
+from streamer.artifacts import load_model_info, resolve_model_dir
+from streamer.config import Config, replace_section
+from streamer.daemon import ExitCode, Server
+from streamer.embedder import Embedder
+from streamer.events import MatchEvent
+from streamer.scoring import Play, score_stream
+
+log = logging.getLogger(__name__)
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("COVERWATCH_CACHE", Path.home() / ".cache" / "coverwatch")) / "demo"
+
+
+class CollectingSink:
+    """Keeps events in memory for the final score."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def add(self, event: MatchEvent) -> None:
+        self.events.append(json.loads(event.to_json()))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def ensure_demo_data(workdir: Path) -> Path:
+    if (workdir / "truth.json").exists() and (workdir / "catalog" / "refs.csv").exists():
+        return workdir
+    try:
+        from model.dataset import build_demo
+    except ImportError as exc:
+        raise RuntimeError(f"rendering the demo needs the data extra (pip install '.[data]') and fluidsynth: {exc}") from None
+    log.info("rendering demo catalog and stream into %s (once)", workdir)
+    return build_demo(workdir)
+
+
+def ensure_demo_index(workdir: Path, cfg: Config) -> Path:
+    model_dir = resolve_model_dir(cfg.model.path)
+    index_dir = workdir / f"index-{load_model_info(model_dir).model_hash}"
+    if not (index_dir / "manifest.json").exists():
+        embedder = Embedder(model_dir, cfg.model.threads)
+        build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build)
+    return index_dir
+
+
+def summarize(events: list[dict], truth: dict) -> list[str]:
+    plays = [Play(p["song_id"], p["start_s"], p["end_s"]) for p in truth["plays"]]
+    titles = {p["song_id"]: p["title"] for p in truth["plays"]}
+    result = score_stream(events, plays)
+    lines = ["", f"demo result: caught {len(result.caught)} of {len(plays)} covers, {len(result.false_matches)} false match(es)"]
+    for play, latency in result.caught:
+        lines.append(
+            f"  CAUGHT  {play.song_id:32s} {titles[play.song_id][:30]:30s} played {play.start_s:6.1f}-{play.end_s:6.1f} s, detected after {latency:4.1f} s"
+        )
+    for play in result.missed:
+        lines.append(f"  MISSED  {play.song_id:32s} {titles[play.song_id][:30]:30s} played {play.start_s:6.1f}-{play.end_s:6.1f} s")
+    for event in result.false_matches:
+        lines.append(f"  FALSE   {event['song_id']:32s} at {event['stream_time_s']:6.1f} s (score {event['score']:.3f})")
+    return lines
+
+
+def run_demo(cfg: Config, workdir: Path | None, realtime: bool = False) -> ExitCode:
+    workdir = ensure_demo_data(workdir or default_workdir())
+    cfg = replace_section(cfg, "index", path=str(ensure_demo_index(workdir, cfg)))
+    server = Server(cfg, f"file:{workdir / 'stream.wav'}", fast=not realtime, stream_id="demo-radio")
+    collector = CollectingSink()
+    server.sinks.sinks.append(collector)
+    code = server.run()
+    truth = json.loads((workdir / "truth.json").read_text())
+    print("\n".join(summarize(collector.events, truth)), flush=True)
+    return code

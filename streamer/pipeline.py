@@ -1,0 +1,216 @@
+"""The per-chunk path of the daemon: audio chunk -> resample -> rolling CQT -> windows ->
+embeddings -> FAISS -> per-song scores -> hysteresis -> match events.
+
+`Monitor` owns the model, the index and one `StreamState` per stream. A decision is taken
+every `hop_s` of stream time: each configured window that is already filled and not silent
+is embedded (equal lengths in one encoder call), all windows are searched in one FAISS
+call, and a song's score is the maximum over windows and over its retrieved segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from index_builder.store import IndexStore
+from streamer.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, seconds_to_frames
+from streamer.config import DecisionConfig, StreamConfig
+from streamer.decision import Decision, Hysteresis
+from streamer.decode import StreamResampler, to_mono
+from streamer.embedder import Embedder
+from streamer.events import MatchEvent, make_event_id, utc_now_iso
+from streamer.rolling import FrameRing, IncrementalCqt
+
+log = logging.getLogger(__name__)
+
+MAX_ABS_SAMPLE = 1e3  # float samples beyond this are a broken producer, not loud audio
+
+
+class ChunkError(AudioError):
+    """A chunk that cannot be processed (NaN, wrong shape, absurd rate); it is skipped and counted."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    start: float
+    end: float
+    source: str  # "config" or "index calibration"
+
+
+def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Thresholds:
+    """Config values when set (non-zero), otherwise the index's impostor calibration."""
+    if decision.start_threshold and decision.end_threshold:
+        return Thresholds(decision.start_threshold, decision.end_threshold, "config")
+    if "start_threshold" not in calibration:
+        raise ValueError("the index has no calibration; set decision.start_threshold and decision.end_threshold")
+    start = decision.start_threshold or float(calibration["start_threshold"])
+    end = decision.end_threshold or min(start, float(calibration["end_threshold"]))
+    return Thresholds(start, end, "index calibration")
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over the run (for benchmarks and metrics)."""
+
+    seconds: Counter = field(default_factory=Counter)
+
+    def add(self, stage: str, started: float) -> float:
+        now = time.perf_counter()
+        self.seconds[stage] += now - started
+        return now
+
+
+@dataclass
+class StreamState:
+    stream_id: str
+    input_rate: int
+    resampler: StreamResampler
+    cqt: IncrementalCqt
+    ring: FrameRing
+    decider: Hysteresis
+    next_decision_frame: int
+    samples_in: int = 0  # at SAMPLE_RATE
+    counts: Counter = field(default_factory=Counter)
+
+
+class Monitor:
+    def __init__(self, embedder: Embedder, index: IndexStore, stream_cfg: StreamConfig, decision_cfg: DecisionConfig) -> None:
+        self.embedder = embedder
+        self.index = index
+        self.stream_cfg = stream_cfg
+        self.decision_cfg = decision_cfg
+        self.thresholds = resolve_thresholds(decision_cfg, index.calibration)
+        self.window_frames = [seconds_to_frames(s) for s in stream_cfg.windows_s]
+        self.hop_frames = seconds_to_frames(stream_cfg.hop_s)
+        self.silence_power = 10.0 ** (stream_cfg.silence_dbfs / 10.0)  # mean square
+        self.streams: dict[str, StreamState] = {}
+        self.times = StageTimes()
+        self.counts: Counter = Counter()
+        log.info("decision thresholds start=%.3f end=%.3f (%s)", self.thresholds.start, self.thresholds.end, self.thresholds.source)
+
+    def _new_stream(self, stream_id: str, rate: int) -> StreamState:
+        return StreamState(
+            stream_id=stream_id,
+            input_rate=rate,
+            resampler=StreamResampler(rate),
+            cqt=IncrementalCqt(self.embedder.cqt, self.embedder.kernel_length),
+            ring=FrameRing(max(self.window_frames)),
+            decider=Hysteresis(
+                self.thresholds.start,
+                self.thresholds.end,
+                self.decision_cfg.start_hops,
+                self.decision_cfg.end_hops,
+                self.decision_cfg.history_hops,
+            ),
+            next_decision_frame=min(self.window_frames),
+        )
+
+    def _frame_time(self, state: StreamState, frame: int) -> float:
+        """Stream time (s) at the end of the audio that frame index `frame` (exclusive) covers."""
+        return ((frame - 1) * HOP_LENGTH + state.cqt.kernel_length) / SAMPLE_RATE if frame > 0 else 0.0
+
+    def process_chunk(self, stream_id: str, samples: np.ndarray, sample_rate: int) -> list[MatchEvent]:
+        """Feed one chunk ((N,) or (N, C) float samples at sample_rate); return the events it caused.
+
+        Raises ChunkError for a chunk that must be skipped; the stream's state is untouched then.
+        """
+        if samples.ndim not in (1, 2) or samples.size == 0:
+            raise ChunkError(f"stream {stream_id}: empty or mis-shaped chunk {samples.shape}")
+        if not np.isfinite(samples).all():
+            raise ChunkError(f"stream {stream_id}: chunk contains NaN or infinite samples")
+        if np.abs(samples).max() > MAX_ABS_SAMPLE:
+            raise ChunkError(f"stream {stream_id}: sample values beyond +-{MAX_ABS_SAMPLE:g}; wrong encoding?")
+        started = time.perf_counter()
+        state = self.streams.get(stream_id)
+        if state is None or state.input_rate != sample_rate:
+            if state is not None:
+                log.warning("stream %s changed sample rate %d -> %d: restarting its window", stream_id, state.input_rate, sample_rate)
+            try:
+                state = self._new_stream(stream_id, sample_rate)
+            except AudioError as exc:
+                raise ChunkError(f"stream {stream_id}: {exc}") from None
+            self.streams[stream_id] = state
+        mono = state.resampler.process(to_mono(samples))
+        state.samples_in += len(mono)
+        now = self.times.add("resample", started)
+        frames, energy = state.cqt.push(mono)
+        self.times.add("cqt", now)
+        self.counts["chunks"] += 1
+        return self._advance(state, frames, energy)
+
+    def _advance(self, state: StreamState, frames: np.ndarray, energy: np.ndarray) -> list[MatchEvent]:
+        """Append new frames, taking a decision at every hop boundary they cross."""
+        events: list[MatchEvent] = []
+        done = state.cqt.frames_done - len(frames)  # frame index of frames[0]
+        while len(frames):
+            take = min(len(frames), state.next_decision_frame - done)
+            state.ring.append(frames[:take], energy[:take])
+            frames, energy, done = frames[take:], energy[take:], done + take
+            if done == state.next_decision_frame:
+                events.extend(self._decide(state, self._frame_time(state, done)))
+                state.next_decision_frame += self.hop_frames
+        return events
+
+    def song_scores(self, windows: list[np.ndarray]) -> dict[int, float]:
+        """Windows [(T_i, F)] -> {song row: max similarity over windows and segments}."""
+        started = time.perf_counter()
+        by_length: dict[int, list[np.ndarray]] = {}
+        for w in windows:
+            by_length.setdefault(len(w), []).append(w)
+        vectors = np.concatenate([self.embedder.embed(np.stack(ws)) for ws in by_length.values()])
+        now = self.times.add("embed", started)
+        scores, ids = self.index.search(vectors, self.stream_cfg.top_k)
+        self.times.add("search", now)
+        best: dict[int, float] = {}
+        for s_row, i_row in zip(scores, ids):
+            for score, vid in zip(s_row, i_row):
+                if vid < 0:
+                    continue
+                song = int(self.index.vector_song[vid])
+                if score > best.get(song, -math.inf):
+                    best[song] = float(score)
+        return best
+
+    def _decide(self, state: StreamState, time_s: float) -> list[MatchEvent]:
+        windows = []
+        for n in self.window_frames:
+            if n > state.ring.filled:
+                break
+            frames, energy = state.ring.latest(n)
+            if float(energy.mean()) < self.silence_power:
+                state.counts["silent_windows"] += 1
+                continue
+            windows.append(frames)
+        self.counts["decisions"] += 1
+        scores = self.song_scores(windows) if windows else {}
+        started = time.perf_counter()
+        decisions = state.decider.update(scores, time_s)
+        self.times.add("decide", started)
+        return [self._event(state, d) for d in decisions]
+
+    def _event(self, state: StreamState, decision: Decision) -> MatchEvent:
+        song = self.index.songs[decision.song_index]
+        self.counts[decision.kind] += 1
+        return MatchEvent(
+            event=decision.kind,
+            event_id=make_event_id(state.stream_id, song.song_id, decision.started_s, decision.kind),
+            stream=state.stream_id,
+            song_id=song.song_id,
+            title=song.title,
+            score=decision.score,
+            stream_time_s=decision.time_s,
+            match_start_s=decision.started_s,
+            wall_time=utc_now_iso(),
+        )
+
+    def end_stream(self, stream_id: str) -> list[MatchEvent]:
+        """The stream ended (or jumped): close an open match and drop its state."""
+        state = self.streams.pop(stream_id, None)
+        if state is None:
+            return []
+        return [self._event(state, d) for d in state.decider.reset(state.samples_in / SAMPLE_RATE)]

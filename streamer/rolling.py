@@ -1,0 +1,84 @@
+"""Per-stream rolling state: an incremental CQT and a ring buffer of CQT frames.
+
+The CQT is "valid"-framed: frame t needs samples [t*HOP, t*HOP + K) with K the kernel
+length. `IncrementalCqt` keeps the samples that later frames still need (fewer than
+K + HOP) and runs the front end only over new audio plus that left context, so every
+sample's frames are computed once and streaming output equals the offline CQT.
+
+Letters: N samples, T frames, F CQT bins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from streamer.audio import HOP_LENGTH, N_BINS
+
+MIN_FRAMES_PER_CALL = 8  # batch at least this many new frames per front-end call
+
+
+class IncrementalCqt:
+    """push((N,) float32 at SAMPLE_RATE) -> (frames (T, F), energy (T,)) for whatever became complete.
+
+    `energy` is the mean square of the newest HOP samples of each frame, for silence gating.
+    """
+
+    def __init__(self, cqt: Callable[[np.ndarray], np.ndarray], kernel_length: int) -> None:
+        self._cqt = cqt
+        self.kernel_length = kernel_length
+        self._pending = np.zeros(0, dtype=np.float32)  # samples from the next frame's start on
+        self.frames_done = 0
+
+    def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert samples.ndim == 1
+        self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        available = len(self._pending) - self.kernel_length
+        n_frames = available // HOP_LENGTH + 1 if available >= 0 else 0
+        if n_frames < MIN_FRAMES_PER_CALL:
+            return np.zeros((0, N_BINS), np.float32), np.zeros(0, np.float32)
+        span = self._pending[: (n_frames - 1) * HOP_LENGTH + self.kernel_length]
+        frames = self._cqt(span)
+        tail = span[self.kernel_length - HOP_LENGTH :]
+        energy = np.mean(tail[: n_frames * HOP_LENGTH].reshape(n_frames, HOP_LENGTH) ** 2, axis=1)
+        self._pending = self._pending[n_frames * HOP_LENGTH :]
+        self.frames_done += n_frames
+        return frames, energy.astype(np.float32)
+
+
+class FrameRing:
+    """The last `capacity` frames (and their energies) of a stream, readable as one contiguous block.
+
+    Every frame is written twice, at i and i + capacity, so `latest(n)` is always a slice.
+    """
+
+    def __init__(self, capacity: int, n_bins: int = N_BINS) -> None:
+        self.capacity = capacity
+        self._frames = np.zeros((2 * capacity, n_bins), dtype=np.float32)
+        self._energy = np.zeros(2 * capacity, dtype=np.float32)
+        self._pos = 0
+        self.filled = 0  # frames held, up to capacity
+
+    def append(self, frames: np.ndarray, energy: np.ndarray) -> None:
+        """frames (T, F), energy (T,)."""
+        if len(frames) > self.capacity:
+            frames, energy = frames[-self.capacity :], energy[-self.capacity :]
+        n, i = len(frames), self._pos
+        head = min(n, self.capacity - i)  # frames that fit before the wrap
+        for offset in (0, self.capacity):
+            self._frames[offset + i : offset + i + head] = frames[:head]
+            self._frames[offset : offset + n - head] = frames[head:]
+            self._energy[offset + i : offset + i + head] = energy[:head]
+            self._energy[offset : offset + n - head] = energy[head:]
+        self._pos = (self._pos + len(frames)) % self.capacity
+        self.filled = min(self.capacity, self.filled + len(frames))
+
+    def latest(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The newest n frames (n, F) and energies (n,), oldest first; n <= filled."""
+        assert 0 < n <= self.filled, (n, self.filled)
+        end = self._pos + self.capacity
+        return self._frames[end - n : end], self._energy[end - n : end]
+
+    def clear(self) -> None:
+        self.filled = 0

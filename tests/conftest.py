@@ -1,0 +1,76 @@
+"""Shared fixtures: a freshly exported small random model (real torch -> ONNX export) and
+synthetic melodies made with numpy, so runtime tests need no rendered dataset."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from streamer.audio import SAMPLE_RATE
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    from model.network import CoverEncoder, ModelDims
+
+    torch.manual_seed(0)
+    dims = ModelDims(stem_channels=8, d_model=32, n_heads=2, n_layers=1, d_ff=64, embedding_dim=64, n_classes=3)
+    model = CoverEncoder(dims)
+    # Non-trivial BNNeck statistics, as a trained model would have.
+    model.neck.running_mean.normal_(0, 0.1)
+    model.neck.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "random.pt"
+    torch.save({"model": model.state_dict(), "dims": dims.to_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(random_checkpoint, tmp_path_factory) -> Path:
+    from model.export import export_model
+
+    out = tmp_path_factory.mktemp("model")
+    export_model(random_checkpoint, out)
+    return out
+
+
+def melody(seed: int, seconds: float, transpose: int = 0, tempo: float = 1.0, harmonics: int = 3, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A deterministic random tune of quarter notes with `harmonics` partials: (N,) float32."""
+    rng = np.random.default_rng(seed)
+    notes = 60 + np.cumsum(rng.integers(-3, 4, size=400)) % 14 + transpose
+    note_s = 0.3 / tempo
+    n_notes = int(seconds / note_s) + 1
+    t = np.arange(int(note_s * rate)) / rate
+    envelope = np.minimum(1.0, t / 0.01) * np.exp(-3 * t)
+    pieces = []
+    for pitch in notes[:n_notes]:
+        f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+        tone = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, harmonics + 1))
+        pieces.append(tone * envelope)
+    audio = np.concatenate(pieces)[: int(seconds * rate)]
+    return (0.3 * audio / np.abs(audio).max()).astype(np.float32)
+
+
+@pytest.fixture()
+def refs_csv(tmp_path) -> Path:
+    """Three 30-s synthetic songs and their refs CSV."""
+    rows = []
+    for i in range(3):
+        soundfile.write(tmp_path / f"song{i}.wav", melody(i, 30.0), SAMPLE_RATE)
+        rows.append({"song_id": f"song{i}", "title": f"Song {i}", "path": f"song{i}.wav", "artist": f"artist{i}"})
+    path = tmp_path / "refs.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def relative_magnitude_error(log_a: np.ndarray, log_b: np.ndarray) -> float:
+    """max |exp(a) - exp(b)| / max exp(a): CQT disagreement relative to the clip's peak."""
+    magnitude_a, magnitude_b = np.exp(log_a), np.exp(log_b)
+    return float(np.abs(magnitude_a - magnitude_b).max() / magnitude_a.max())

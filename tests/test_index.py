@@ -1,0 +1,137 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+
+from index_builder.build import add_to_index, build_index, index_info, segment_spans
+from index_builder.refs import RefsError, read_refs
+from index_builder.store import MANIFEST, load_index
+from streamer.artifacts import ArtifactError
+from streamer.audio import SAMPLE_RATE, AudioError
+from streamer.config import IndexBuildConfig
+from streamer.embedder import Embedder
+from tests.conftest import melody
+
+
+@pytest.fixture()
+def embedder(random_model_dir):
+    return Embedder(random_model_dir, threads=1)
+
+
+def test_segment_spans_cover_track_and_end_aligned():
+    assert segment_spans(100, 40, 20) == [(0, 40), (20, 60), (40, 80), (60, 100)]
+    assert segment_spans(90, 40, 20) == [(0, 40), (20, 60), (40, 80), (50, 90)]
+    assert segment_spans(30, 40, 20) == [(0, 30)]
+
+
+def test_build_info_and_search_returns_the_song_itself(refs_csv, embedder, tmp_path):
+    store = build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
+    # 30-s songs: segments at 0-20, 10-30 (end-aligned), plus the whole track
+    assert len(store.songs) == 3 and store.n_vectors == 9
+    info = index_info(tmp_path / "idx")
+    assert info["songs"] == 3 and info["model_hash"] == embedder.info.model_hash
+    assert info["calibration"]["start_threshold"] >= info["calibration"]["end_threshold"]
+    assert store.songs[1].metadata == {"artist": "artist1"}
+    loaded = load_index(tmp_path / "idx", expected_model_hash=embedder.info.model_hash)
+    frames = embedder.cqt(melody(1, 30.0))
+    scores, ids = loaded.search(embedder.embed(frames[None]), 1)
+    assert loaded.vector_song[ids[0, 0]] == 1 and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_add_appends_without_touching_existing_vectors(refs_csv, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    before = build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    old_vectors = before.faiss_index.reconstruct_n(0, before.n_vectors)
+    soundfile.write(tmp_path / "new.wav", melody(9, 45.0), SAMPLE_RATE)
+    more = tmp_path / "more.csv"
+    more.write_text("song_id,title,path\nnew,New song,new.wav\n")
+    after = add_to_index(idx, read_refs(more), embedder, IndexBuildConfig())
+    assert [s.song_id for s in after.songs] == ["song0", "song1", "song2", "new"]
+    reloaded = load_index(idx)
+    assert np.array_equal(reloaded.faiss_index.reconstruct_n(0, before.n_vectors), old_vectors)
+    assert reloaded.n_vectors > before.n_vectors
+    assert len(list(idx.glob("vectors-*.faiss"))) == 1  # the superseded FAISS file is gone
+    with pytest.raises(ValueError, match="already in the index: new"):
+        add_to_index(idx, read_refs(more), embedder, IndexBuildConfig())
+
+
+def test_index_from_another_model_is_refused(refs_csv, embedder, tmp_path):
+    build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
+    with pytest.raises(ArtifactError, match="built with model .* rebuild the index"):
+        load_index(tmp_path / "idx", expected_model_hash="0123456789abcdef")
+
+
+def test_corrupt_index_files_are_refused(refs_csv, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    good = tmp_path / "good"
+    shutil.copytree(idx, good)
+    faiss_file = next(idx.glob("vectors-*.faiss"))
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        load_index(idx)
+    faiss_file.unlink()
+    with pytest.raises(ArtifactError, match="is missing"):
+        load_index(idx)
+    (idx / MANIFEST).write_text('{"format_version": 1')
+    with pytest.raises(ArtifactError, match="corrupt index manifest"):
+        load_index(idx)
+    (idx / MANIFEST).unlink()
+    with pytest.raises(ArtifactError, match="manifest not found"):
+        load_index(idx)
+    manifest = json.loads((good / MANIFEST).read_text())
+    manifest["vectors"] = manifest["vectors"][:-1]
+    (good / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="FAISS holds 9 vectors but the manifest lists 8"):
+        load_index(good)
+
+
+def test_failed_build_leaves_previous_index_intact(refs_csv, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    before = sorted(p.name for p in idx.iterdir())
+    (tmp_path / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("song_id,title,path\nsong0,S,song0.wav\nbroken,B,broken.wav\n")
+    with pytest.raises(AudioError, match="broken.wav"):
+        build_index(read_refs(bad), idx, embedder, IndexBuildConfig())
+    assert sorted(p.name for p in idx.iterdir()) == before
+    assert len(load_index(idx).songs) == 3
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("song_id,path\nx,a.wav\n", "missing column(s) title"),
+        ("song_id,title,path\nx,X,nowhere.wav\n", "audio file not found: 'nowhere.wav'"),
+        ("song_id,title,path\nx,X,song0.wav\nx,Y,song1.wav\n", "duplicate song_id 'x' (first on line 2)"),
+        ("song_id,title,path\n,X,song0.wav\n", "empty song_id"),
+        ("song_id,title,path\n", "no references listed"),
+    ],
+)
+def test_malformed_refs_csv(refs_csv, content, message):
+    bad = refs_csv.parent / "bad.csv"
+    bad.write_text(content)
+    with pytest.raises(RefsError) as err:
+        read_refs(bad)
+    assert message in str(err.value)
+
+
+def test_refs_from_folder(tmp_path):
+    (tmp_path / "album").mkdir()
+    soundfile.write(tmp_path / "album" / "a.flac", melody(1, 5.0), SAMPLE_RATE)
+    soundfile.write(tmp_path / "b.wav", melody(2, 5.0), SAMPLE_RATE)
+    (tmp_path / "notes.txt").write_text("not audio")
+    refs = read_refs(tmp_path)
+    assert [r.song_id for r in refs] == ["album/a", "b"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RefsError, match="no audio files"):
+        read_refs(tmp_path / "empty")
+
+
+def test_ivf_and_hnsw_types_build(refs_csv, embedder, tmp_path):
+    for kind in ("ivf", "hnsw"):
+        store = build_index(read_refs(refs_csv), tmp_path / kind, embedder, IndexBuildConfig(index_type=kind))
+        assert load_index(tmp_path / kind).n_vectors == store.n_vectors == 9

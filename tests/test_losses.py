@@ -1,0 +1,40 @@
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model.losses import batch_hard_triplet, cover_loss  # noqa: E402
+from model.train import get_lr  # noqa: E402
+from streamer.config import TrainConfig  # noqa: E402
+
+
+def test_triplet_zero_when_groups_are_well_separated():
+    emb = torch.tensor([[1.0, 0.0], [0.99, 0.14], [-1.0, 0.0], [-0.99, -0.14]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert float(batch_hard_triplet(emb, labels, margin=0.3)) == pytest.approx(0.0)
+
+
+def test_triplet_hand_computed_violation():
+    # anchor 0: positive at 90 deg (d=1), negative identical (d=0): loss = 1 - 0 + 0.3
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    # anchor 1: positive 0 at d=1, negative 2 at d=1 -> 0.3; anchor 2 has no positive (ignored)
+    assert float(batch_hard_triplet(emb, labels, margin=0.3)) == pytest.approx((1.3 + 0.3) / 2)
+
+
+def test_cover_loss_skips_zero_weight_terms():
+    metric = torch.randn(4, 8, requires_grad=True)
+    logits = torch.randn(4, 2)
+    labels = torch.tensor([0, 0, 1, 1])
+    total, terms = cover_loss(metric, logits, labels, margin=0.3, triplet_weight=1.0, ce_weight=0.0, label_smoothing=0.0)
+    assert set(terms) == {"triplet"}
+    total, terms = cover_loss(metric, logits, labels, margin=0.3, triplet_weight=1.0, ce_weight=1.0, label_smoothing=0.0)
+    assert set(terms) == {"triplet", "ce"}
+    assert float(total.detach()) == pytest.approx(terms["triplet"] + terms["ce"], rel=1e-5)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr_fraction=0.1)
+    assert get_lr(0, cfg) == pytest.approx(1e-5)
+    assert get_lr(99, cfg) == pytest.approx(1e-3)
+    assert get_lr(550, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-6)
+    assert get_lr(1000, cfg) == pytest.approx(1e-4)
