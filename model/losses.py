@@ -31,25 +31,44 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: f
     return F.relu(hardest_positive - hardest_negative + margin)[valid].mean()
 
 
+def batch_all_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Batch-all triplet loss on cosine distance: mean over the triplets (a, p, n) that violate
+    the margin. Gives useful gradients from the first step, where batch-hard mining on a
+    barely trained network sees only a few, noisy hardest pairs."""
+    assert embeddings.ndim == 2 and labels.ndim == 1 and len(labels) == len(embeddings)
+    unit = F.normalize(embeddings, dim=1)
+    distance = 1.0 - unit @ unit.T
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    valid = (same & ~eye).unsqueeze(2) & (~same).unsqueeze(1)  # (a, p, n)
+    losses = F.relu(distance.unsqueeze(2) - distance.unsqueeze(1) + margin)[valid]
+    active = losses > 1e-8
+    return losses[active].mean() if active.any() else embeddings.sum() * 0.0
+
+
+TRIPLET_MINING = {"hard": batch_hard_triplet, "all": batch_all_triplet}
+
+
 def cover_loss(
-    metric: torch.Tensor,
+    embeddings: torch.Tensor,
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
     margin: float,
+    mining: str,
     triplet_weight: float,
     ce_weight: float,
     label_smoothing: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Triplet on the metric embedding + cross-entropy on the BNNeck classifier.
+    """Triplet (batch-hard or batch-all mining) on the embeddings + cross-entropy on the classifier.
 
-    metric (B, D), logits (B, K), labels (B,). A term with weight 0 is not computed.
+    embeddings (B, D), logits (B, K), labels (B,). A term with weight 0 is not computed.
     Returns (total, {"triplet": .., "ce": ..}).
     """
-    total = metric.new_zeros(())
+    total = embeddings.new_zeros(())
     terms: dict[str, float] = {}
     if triplet_weight > 0:
-        triplet = batch_hard_triplet(metric, labels, margin)
+        triplet = TRIPLET_MINING[mining](embeddings, labels, margin)
         total = total + triplet_weight * triplet
         terms["triplet"] = float(triplet.detach())
     if ce_weight > 0:

@@ -1,13 +1,14 @@
 """The cover-song encoder: log-CQT frames of any length -> one 512-d unit vector.
 
     (B, T, F) log-CQT
-      -> per-window standardisation (loudness and recording level drop out)
-      -> conv stem, stride 4 in frequency and 8 in time (T/8 tokens, ~5.4 per second)
+      -> octaves folded into 12 pitch classes, per-window standardisation (loudness drops out)
+      -> conv stem, circular over pitch, stride 8 in time (~5.4 tokens per second),
+         then max over pitch: every token is invariant to a key change
       -> pre-norm Transformer encoder with sinusoidal positions
       -> attentive statistics pooling (weighted mean and std over time)
-      -> linear projection to D (the metric embedding, trained with the triplet loss)
-      -> BNNeck (batch norm) -> L2 normalisation: the retrieval embedding
-    The classifier (training only) reads the BNNeck output, as in CoverHunter/ByteCover.
+      -> linear projection to D -> BNNeck (batch norm) -> L2 normalisation: the embedding
+    The triplet loss acts on the BNNeck output (the vector retrieval uses) and the
+    classifier (training only) reads it too.
 
 Letters: B batch, T frames, F CQT bins, D embedding dims, N tokens, C channels.
 """
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamer.audio import N_BINS
+from streamer.audio import BINS_PER_OCTAVE, N_BINS
 
 
 @dataclass(frozen=True)
@@ -45,29 +46,51 @@ class ModelDims:
 TIME_STRIDE = 8  # frames per token after the stem
 
 
+def fold_octaves(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, F) log-CQT -> (B, T, 12) log pitch-class energy (magnitudes summed over octaves)."""
+    b, t, f = frames.shape
+    magnitude = torch.exp(frames).reshape(b, t, f // BINS_PER_OCTAVE, BINS_PER_OCTAVE)
+    return torch.log(magnitude.sum(dim=2) + 1e-4)
+
+
+class CircularPitchConv(nn.Module):
+    """Conv2d over (time, pitch class) that wraps around the 12 pitch classes, then BN + ReLU.
+
+    Transposing the input rolls the output along pitch, exactly: the stem is key-equivariant.
+    """
+
+    def __init__(self, c_in: int, c_out: int, time_stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride=(time_stride, 1), padding=(1, 0), bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x[..., -1:], x, x[..., :1]], dim=3)  # wrap pitch: B, C, T, 12 + 2
+        return torch.relu(self.norm(self.conv(x)))
+
+
 class ConvStem(nn.Module):
-    """(B, T, F) -> (B, ceil(T/8), d_model): three strided 3x3 conv blocks, then a linear map."""
+    """(B, T, F) -> (B, ceil(T/8), d_model): pitch classes, circular convs, max over pitch.
+
+    Folding octaves removes octave and voicing changes; convolutions that wrap around the
+    12 pitch classes followed by a max over pitch make every token invariant to a key
+    change, which is the largest difference between a song and its covers.
+    """
 
     def __init__(self, dims: ModelDims) -> None:
         super().__init__()
         c = dims.stem_channels
-
-        def block(c_in: int, c_out: int, stride: tuple[int, int]) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            )
-
-        # Strides are (time, frequency): time /8 and frequency /4 in total; a token keeps
-        # 21 frequency cells x C channels, enough for the channels to carry semitone detail.
-        self.blocks = nn.Sequential(block(1, c, (2, 2)), block(c, c, (2, 2)), block(c, c, (2, 1)))
-        f_out = (dims.n_bins + 3) // 4
-        self.proj = nn.Linear(c * f_out, dims.d_model)
+        self.blocks = nn.Sequential(
+            CircularPitchConv(1, c, 2),
+            CircularPitchConv(c, 2 * c, 2),
+            CircularPitchConv(2 * c, 4 * c, 2),
+            CircularPitchConv(4 * c, 4 * c, 1),
+        )
+        self.proj = nn.Linear(4 * c, dims.d_model)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(frames.unsqueeze(1))  # (B, C, T/8, F/2)
-        x = x.permute(0, 2, 1, 3).flatten(2)  # (B, T/8, C*F/2)
+        x = self.blocks(standardise(fold_octaves(frames)).unsqueeze(1))  # (B, C, T/8, 12)
+        x = x.amax(dim=3).transpose(1, 2)  # (B, T/8, C): max over pitch classes
         return self.proj(x)
 
 
@@ -151,7 +174,7 @@ class CoverEncoder(nn.Module):
     def features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, F) -> (metric embedding (B, D), BNNeck output (B, D))."""
         assert frames.ndim == 3, f"expected (B, T, F) frames, got shape {tuple(frames.shape)}"
-        x = self.stem(standardise(frames))
+        x = self.stem(frames)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
         for block in self.blocks:
             x = block(x)

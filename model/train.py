@@ -198,12 +198,15 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, cfg)
         frames, labels = sample_batch(groups, cfg, rng)
-        metric, necked = model.features(frames.to(device))
+        _, necked = model.features(frames.to(device))
+        # The triplet acts on the BNNeck output, the vector retrieval uses: on the raw
+        # projection, cosine distances collapsed to ~0 for every pair early in training.
         loss, terms = cover_loss(
-            metric,
+            necked,
             model.classifier(necked),
             labels.to(device),
             margin=cfg.triplet_margin,
+            mining=cfg.triplet_mining,
             triplet_weight=cfg.triplet_weight,
             ce_weight=cfg.ce_weight,
             label_smoothing=cfg.label_smoothing,

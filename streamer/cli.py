@@ -21,7 +21,8 @@ from streamer.daemon import ExitCode, Server
 
 log = logging.getLogger("coverwatch")
 
-USER_ERRORS = (ConfigError, ArtifactError, AudioError, RefsError, ValueError, OSError)
+# Errors a user can act on: reported as one line, exit 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, ArtifactError, AudioError, RefsError, ValueError, OSError, ImportError)
 
 
 def setup_logging(level: str) -> None:

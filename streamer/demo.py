@@ -53,7 +53,7 @@ def ensure_demo_data(workdir: Path) -> Path:
     try:
         from model.dataset import build_demo
     except ImportError as exc:
-        raise RuntimeError(f"rendering the demo needs the data extra (pip install '.[data]') and fluidsynth: {exc}") from None
+        raise ImportError(f"rendering the demo needs the data extra (pip install '.[data]'): {exc}") from None
     log.info("rendering demo catalog and stream into %s (once)", workdir)
     return build_demo(workdir)
 

@@ -79,3 +79,14 @@ def test_truncated_or_missing_model_files_are_refused(random_model_dir, tmp_path
         Embedder(broken)
     with pytest.raises(ArtifactError, match="sidecar not found"):
         Embedder(tmp_path / "nothing")
+
+
+def test_embedding_is_invariant_to_key_changes(random_model_dir):
+    """A transposition is a roll of whole CQT bins; the pitch-class stem with circular convs and
+    a max over pitch makes the exported encoder's output identical for every key."""
+    embedder = Embedder(random_model_dir, threads=1)
+    frames = embedder.cqt(melody(4, 15.0))
+    reference = embedder.embed(frames[None])[0]
+    for semitones in (1, 5, -3, 11):
+        rolled = np.roll(frames, semitones, axis=1)
+        assert np.abs(embedder.embed(rolled[None])[0] - reference).max() < 1e-5

@@ -2,7 +2,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model.losses import batch_hard_triplet, cover_loss  # noqa: E402
+from model.losses import batch_all_triplet, batch_hard_triplet, cover_loss  # noqa: E402
 from model.train import get_lr  # noqa: E402
 from streamer.config import TrainConfig  # noqa: E402
 
@@ -21,13 +21,23 @@ def test_triplet_hand_computed_violation():
     assert float(batch_hard_triplet(emb, labels, margin=0.3)) == pytest.approx((1.3 + 0.3) / 2)
 
 
+def test_batch_all_triplet_averages_violating_triplets():
+    # Same points as above. Triplets (a, p, n): (0, 1, 2): 1 - 0 + 0.3 = 1.3; (1, 0, 2): 1 - 1 + 0.3 = 0.3.
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    assert float(batch_all_triplet(emb, labels, margin=0.3)) == pytest.approx((1.3 + 0.3) / 2)
+    # well separated groups: no violating triplet, loss 0
+    far = torch.tensor([[1.0, 0.0], [0.99, 0.14], [-1.0, 0.0], [-0.99, -0.14]])
+    assert float(batch_all_triplet(far, torch.tensor([0, 0, 1, 1]), margin=0.3)) == 0.0
+
+
 def test_cover_loss_skips_zero_weight_terms():
     metric = torch.randn(4, 8, requires_grad=True)
     logits = torch.randn(4, 2)
     labels = torch.tensor([0, 0, 1, 1])
-    total, terms = cover_loss(metric, logits, labels, margin=0.3, triplet_weight=1.0, ce_weight=0.0, label_smoothing=0.0)
+    total, terms = cover_loss(metric, logits, labels, margin=0.3, mining="hard", triplet_weight=1.0, ce_weight=0.0, label_smoothing=0.0)
     assert set(terms) == {"triplet"}
-    total, terms = cover_loss(metric, logits, labels, margin=0.3, triplet_weight=1.0, ce_weight=1.0, label_smoothing=0.0)
+    total, terms = cover_loss(metric, logits, labels, margin=0.3, mining="all", triplet_weight=1.0, ce_weight=1.0, label_smoothing=0.0)
     assert set(terms) == {"triplet", "ce"}
     assert float(total.detach()) == pytest.approx(terms["triplet"] + terms["ce"], rel=1e-5)
 

@@ -1,0 +1,1 @@
+"""Reference catalog -> FAISS inner-product index + manifest (build, add, info, calibration)."""
