@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +65,6 @@ class MicSource:
         self.overflows = 0
         self.dropped_blocks = 0
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=self.QUEUE_BLOCKS)
-        self._stopped = threading.Event()
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: object, status: object) -> None:
         if status and getattr(status, "input_overflow", False):
@@ -80,7 +78,6 @@ class MicSource:
         import sounddevice  # imported here: needs PortAudio, which only mic users must have
 
         self.running = True
-        self._stopped.clear()
         block = max(1, int(round(self.cfg.block_s * self.cfg.sample_rate)))
         with sounddevice.InputStream(
             device=self.device,
@@ -97,7 +94,6 @@ class MicSource:
                 except queue.Empty:
                     continue
                 handler(self.stream_id, data, self.cfg.sample_rate)
-        self._stopped.set()
 
     def stop(self) -> None:
         self.running = False
