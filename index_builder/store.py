@@ -60,6 +60,16 @@ class IndexStore:
         assert queries.ndim == 2 and queries.dtype == np.float32
         return self.faiss_index.search(np.ascontiguousarray(queries), min(k, max(1, self.n_vectors)))
 
+    def best_per_song(self, queries: np.ndarray, k: int) -> dict[int, float]:
+        """(Q, D) queries -> {song row: best score over all queries and that song's retrieved vectors}."""
+        scores, ids = self.search(queries, k)
+        best: dict[int, float] = {}
+        for score, vid in zip(scores.ravel(), ids.ravel()):
+            if vid >= 0:
+                song = int(self.vector_song[vid])
+                best[song] = max(best.get(song, -np.inf), float(score))
+        return best
+
 
 def _fsync_write(path: Path, data: bytes) -> None:
     with path.open("wb") as fh:

@@ -34,12 +34,7 @@ def query_vectors(embedder: Embedder, frames: np.ndarray, window_s: float) -> np
 
 def rank_songs(index: IndexStore, vectors: np.ndarray, top_k: int, neighbours: int = 64) -> list[tuple[int, float]]:
     """(Q, D) query vectors -> [(song row, score)] best first, song score = max over hits."""
-    scores, ids = index.search(vectors.astype(np.float32), neighbours)
-    best: dict[int, float] = {}
-    for score, vid in zip(scores.ravel(), ids.ravel()):
-        if vid >= 0:
-            song = int(index.vector_song[vid])
-            best[song] = max(best.get(song, -1.0), float(score))
+    best = index.best_per_song(vectors.astype(np.float32), neighbours)
     return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
 
 

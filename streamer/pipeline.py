@@ -10,7 +10,6 @@ call, and a song's score is the maximum over windows and over its retrieved segm
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -164,16 +163,8 @@ class Monitor:
             by_length.setdefault(len(w), []).append(w)
         vectors = np.concatenate([self.embedder.embed(np.stack(ws)) for ws in by_length.values()])
         now = self.times.add("embed", started)
-        scores, ids = self.index.search(vectors, self.stream_cfg.top_k)
+        best = self.index.best_per_song(vectors, self.stream_cfg.top_k)
         self.times.add("search", now)
-        best: dict[int, float] = {}
-        for s_row, i_row in zip(scores, ids):
-            for score, vid in zip(s_row, i_row):
-                if vid < 0:
-                    continue
-                song = int(self.index.vector_song[vid])
-                if score > best.get(song, -math.inf):
-                    best[song] = float(score)
         return best
 
     def _decide(self, state: StreamState, time_s: float) -> list[MatchEvent]:
