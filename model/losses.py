@@ -9,6 +9,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _pair_masks(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, D), (B,) -> cosine distance (B, B) in [0, 2], positive mask (same label, not self), negative mask."""
+    assert embeddings.ndim == 2 and labels.ndim == 1 and len(labels) == len(embeddings)
+    unit = F.normalize(embeddings, dim=1)
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return 1.0 - unit @ unit.T, same & ~eye, ~same
+
+
 def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """Batch-hard triplet loss on cosine distance.
 
@@ -16,13 +25,7 @@ def batch_hard_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: f
     positive and the nearest negative in the batch; loss = mean(relu(d_pos - d_neg + margin)).
     Anchors with no positive or no negative in the batch are ignored.
     """
-    assert embeddings.ndim == 2 and labels.ndim == 1 and len(labels) == len(embeddings)
-    unit = F.normalize(embeddings, dim=1)
-    distance = 1.0 - unit @ unit.T  # (B, B) cosine distance in [0, 2]
-    same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    positive = same & ~eye
-    negative = ~same
+    distance, positive, negative = _pair_masks(embeddings, labels)
     valid = positive.any(1) & negative.any(1)
     if not valid.any():
         return embeddings.sum() * 0.0
@@ -35,12 +38,8 @@ def batch_all_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: fl
     """Batch-all triplet loss on cosine distance: mean over the triplets (a, p, n) that violate
     the margin. Gives useful gradients from the first step, where batch-hard mining on a
     barely trained network sees only a few, noisy hardest pairs."""
-    assert embeddings.ndim == 2 and labels.ndim == 1 and len(labels) == len(embeddings)
-    unit = F.normalize(embeddings, dim=1)
-    distance = 1.0 - unit @ unit.T
-    same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    valid = (same & ~eye).unsqueeze(2) & (~same).unsqueeze(1)  # (a, p, n)
+    distance, positive, negative = _pair_masks(embeddings, labels)
+    valid = positive.unsqueeze(2) & negative.unsqueeze(1)  # (a, p, n)
     losses = F.relu(distance.unsqueeze(2) - distance.unsqueeze(1) + margin)[valid]
     active = losses > 1e-8
     return losses[active].mean() if active.any() else embeddings.sum() * 0.0

@@ -171,20 +171,18 @@ class CoverEncoder(nn.Module):
         self.neck = nn.BatchNorm1d(dims.embedding_dim)
         self.classifier = nn.Linear(dims.embedding_dim, dims.n_classes, bias=False)
 
-    def features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, F) -> (metric embedding (B, D), BNNeck output (B, D))."""
+    def features(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, F) -> (B, D) BNNeck output, before normalisation (losses and classifier read it)."""
         assert frames.ndim == 3, f"expected (B, T, F) frames, got shape {tuple(frames.shape)}"
         x = self.stem(frames)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
         for block in self.blocks:
             x = block(x)
-        metric = self.project(self.pool(self.ln_final(x)))
-        return metric, self.neck(metric)
+        return self.neck(self.project(self.pool(self.ln_final(x))))
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, F) log-CQT -> (B, D) L2-normalised embedding. The only method exported to ONNX."""
-        _, necked = self.features(frames)
-        return F.normalize(necked, dim=1)
+        return F.normalize(self.features(frames), dim=1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.embed(frames)

@@ -198,7 +198,7 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, cfg)
         frames, labels = sample_batch(groups, cfg, rng)
-        _, necked = model.features(frames.to(device))
+        necked = model.features(frames.to(device))
         # The triplet acts on the BNNeck output, the vector retrieval uses: on the raw
         # projection, cosine distances collapsed to ~0 for every pair early in training.
         loss, terms = cover_loss(
