@@ -23,6 +23,7 @@ import numpy as np
 import soundfile
 import soxr
 
+from report import write_section  # bench/report.py, beside this script
 from index_builder.store import load_index
 from streamer.artifacts import DEFAULT_MODEL_DIR
 from streamer.config import Config
@@ -30,7 +31,6 @@ from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index
 from streamer.embedder import Embedder
 from streamer.pipeline import Monitor
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Streaming path (bench/bench_stream.py)"
 
 
@@ -100,17 +100,6 @@ One stream: the demo stream ({r["audio_s"]:.0f} s) fed as {r["chunk_s"]} s chunk
 """
 
 
-def write_section(markdown: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
-        tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-        text = head + markdown + tail
-    else:
-        text = text.rstrip() + "\n\n" + markdown
-    RESULTS.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=default_workdir())
@@ -121,7 +110,7 @@ def main() -> None:
     result = run(args.workdir, args.chunk_s, args.rate, args.threads)
     markdown = to_markdown(result, "python bench/bench_stream.py " + " ".join(sys.argv[1:]))
     print(markdown)
-    write_section(markdown)
+    write_section(SECTION, markdown)
 
 
 if __name__ == "__main__":

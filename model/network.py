@@ -3,7 +3,8 @@
     (B, T, F) log-CQT
       -> octaves folded into 12 pitch classes, per-window standardisation (loudness drops out)
       -> conv stem, circular over pitch, stride 8 in time (~5.4 tokens per second),
-         then max over pitch: every token is invariant to a key change
+         then each token's pitch profile is read relative to the window's own average
+         profile (circular cross-correlation): tokens keep scale degrees, lose the key
       -> pre-norm Transformer encoder with sinusoidal positions
       -> attentive statistics pooling (weighted mean and std over time)
       -> linear projection to D -> BNNeck (batch norm) -> L2 normalisation: the embedding
@@ -69,12 +70,34 @@ class CircularPitchConv(nn.Module):
         return torch.relu(self.norm(self.conv(x)))
 
 
+PITCH_CLASSES = 12
+# _ROTATIONS[k, p] = (p + k) % 12: gathering with it stacks the 12 rotations of a profile.
+_ROTATIONS = (torch.arange(PITCH_CLASSES).unsqueeze(0) + torch.arange(PITCH_CLASSES).unsqueeze(1)) % PITCH_CLASSES
+
+
+def key_relative(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, N, 12) key-equivariant maps -> (B, N, C * 12) key-invariant token features.
+
+    Each channel's token profile is circularly cross-correlated with that channel's
+    profile averaged over the whole window: out[k] = sum_p x[p] * g[p + k]. A key change
+    rolls x and g by the same amount and leaves every out[k] unchanged, while the relation
+    between tokens (which scale degree each note sits on) survives, unlike a max over pitch.
+    """
+    b, c, n, p = x.shape
+    profile = x.mean(dim=2)  # (B, C, 12)
+    profile = profile / (profile.norm(dim=2, keepdim=True) + 1e-6)
+    rotations = profile[:, :, _ROTATIONS.to(x.device)]  # (B, C, 12 shifts, 12 pitch classes)
+    out = torch.einsum("bcnp,bckp->bnck", x, rotations)
+    return out.reshape(b, n, c * p)
+
+
 class ConvStem(nn.Module):
-    """(B, T, F) -> (B, ceil(T/8), d_model): pitch classes, circular convs, max over pitch.
+    """(B, T, F) -> (B, ceil(T/8), d_model): pitch classes, circular convs, key-relative tokens.
 
     Folding octaves removes octave and voicing changes; convolutions that wrap around the
-    12 pitch classes followed by a max over pitch make every token invariant to a key
-    change, which is the largest difference between a song and its covers.
+    12 pitch classes are key-equivariant, and reading each token relative to the window's
+    average profile makes it key-invariant: a key change is the largest difference between
+    a song and its covers, so the network never has to learn it from examples.
     """
 
     def __init__(self, dims: ModelDims) -> None:
@@ -86,12 +109,12 @@ class ConvStem(nn.Module):
             CircularPitchConv(2 * c, 4 * c, 2),
             CircularPitchConv(4 * c, 4 * c, 1),
         )
-        self.proj = nn.Linear(4 * c, dims.d_model)
+        self.norm = nn.LayerNorm(4 * c * PITCH_CLASSES)
+        self.proj = nn.Linear(4 * c * PITCH_CLASSES, dims.d_model)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = self.blocks(standardise(fold_octaves(frames)).unsqueeze(1))  # (B, C, T/8, 12)
-        x = x.amax(dim=3).transpose(1, 2)  # (B, T/8, C): max over pitch classes
-        return self.proj(x)
+        return self.proj(self.norm(key_relative(x)))
 
 
 def sinusoidal_positions(n_tokens: int, d_model: int, device: torch.device) -> torch.Tensor:

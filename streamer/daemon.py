@@ -1,8 +1,18 @@
 """`coverwatch serve`: the daemon's lifecycle.
 
-Start order: model -> index (checked against the model) -> monitor -> sinks -> source; stop in
-reverse in one `finally`. SIGINT/SIGTERM only set a flag (the source stops after its
-current block, open matches are closed, sinks flushed); a second SIGINT forces the exit.
+Start order: metrics -> model -> index (checked against the model) -> monitor -> sinks ->
+source, then READY to systemd; stop in reverse in one `finally`. Signals only set flags that
+the processing loop reads between chunks:
+
+    SIGTERM / SIGINT  drain: finish the chunk in hand, deliver its events, commit, exit 0;
+                      if events cannot be delivered within `service.drain_timeout_s`, exit
+                      without committing (the chunks are re-read on restart). A second
+                      SIGINT forces the exit.
+    SIGHUP            reload the index from `[index] path` and swap it in between two chunks
+                      (no audio is dropped: Kafka and the microphone queue buffer meanwhile);
+                      a broken index is refused and the old one kept.
+
+The loop pings the systemd watchdog, so a loop stuck for `WatchdogSec` gets restarted.
 """
 
 from __future__ import annotations
@@ -14,13 +24,17 @@ from enum import IntEnum
 from pathlib import Path
 
 from index_builder.store import load_index
-from streamer.artifacts import resolve_model_dir
+from streamer.artifacts import ArtifactError, resolve_model_dir
 from streamer.config import Config
 from streamer.embedder import Embedder
 from streamer.events import MatchEvent
+from streamer.kafka_sink import KafkaEventSink
+from streamer.metrics import Metrics
+from streamer.notify import SystemdNotifier
 from streamer.pipeline import ChunkError, Monitor
 from streamer.sinks import FanOut, FileSink, StdoutSink
-from streamer.sources import parse_source
+from streamer.sources import MicSource, parse_source
+from streamer.wire import AudioChunk
 
 log = logging.getLogger(__name__)
 
@@ -32,67 +46,160 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
-def build_sinks(cfg: Config) -> FanOut:
-    sinks = []
-    if cfg.sinks.stdout:
-        sinks.append(StdoutSink())
-    if cfg.sinks.file:
-        sinks.append(FileSink(Path(cfg.sinks.file)))
-    return FanOut(sinks)
-
-
 class Server:
-    """Holds the running pieces so that signal handlers and `finally` can reach them."""
+    """Holds the running pieces so that signal handlers, the source and `finally` can reach them."""
 
     def __init__(self, cfg: Config, source_spec: str, fast: bool, stream_id: str | None = None) -> None:
         self.cfg = cfg
+        self.notifier = SystemdNotifier.from_env()
+        self.metrics = Metrics()
+        self.metrics_server = None  # started by run(), so a failed start-up binds no port
         self.embedder = Embedder(resolve_model_dir(cfg.model.path), cfg.model.threads)
+        self.metrics.set_model(self.embedder.info.model_hash, self.embedder.info.embedding_dim, self.embedder.info.n_bins)
         if not cfg.index.path:
             raise ValueError("no index configured: set [index] path in the config or pass --index")
-        self.index = load_index(Path(cfg.index.path), expected_model_hash=self.embedder.info.model_hash)
-        log.info(
-            "index %s: %d songs, %d vectors, model %s", cfg.index.path, len(self.index.songs), self.index.n_vectors, self.index.model_hash
-        )
-        self.monitor = Monitor(self.embedder, self.index, cfg.stream, cfg.decision)
-        self.source = parse_source(source_spec, mic=cfg.mic, block_s=cfg.stream.chunk_s, fast=fast, stream_id=stream_id)
-        self.sinks = build_sinks(cfg)
+        self.index = self._load_index()
+        self.monitor = Monitor(self.embedder, self.index, cfg.stream, cfg.decision, self.metrics)
+        self.is_kafka = source_spec == "kafka"
+        if self.is_kafka:
+            from streamer.kafka_source import KafkaSource
+
+            self.source = KafkaSource(cfg.kafka, self.monitor.replay_horizon_s(), self.metrics)
+        else:
+            self.source = parse_source(source_spec, mic=cfg.mic, block_s=cfg.stream.chunk_s, fast=fast, stream_id=stream_id)
+        self.sinks = self._build_sinks()
         self.audio_s = 0.0
         self._interrupts = 0
+        self._reload_requested = False
+        self._drain_deadline: float | None = None
+        self._mic_lost = 0
 
+    # -- set-up -------------------------------------------------------------------------
+    def _load_index(self):
+        index = load_index(Path(self.cfg.index.path), expected_model_hash=self.embedder.info.model_hash)
+        log.info("index %s: %d songs, %d vectors, model %s", self.cfg.index.path, len(index.songs), index.n_vectors, index.model_hash)
+        return index
+
+    def _build_sinks(self) -> FanOut:
+        sinks = []
+        if self.cfg.sinks.stdout:
+            sinks.append(StdoutSink())
+        if self.cfg.sinks.file:
+            sinks.append(FileSink(Path(self.cfg.sinks.file)))
+        if (self.is_kafka or self.cfg.sinks.kafka) and self.cfg.kafka.events_topic:
+            sinks.append(KafkaEventSink(self.cfg.kafka, self.metrics, keepalive=self.tick, should_abort=self._past_drain_deadline))
+        return FanOut(sinks)
+
+    # -- what the sources drive -----------------------------------------------------------
     def _emit(self, events: list[MatchEvent]) -> None:
         for event in events:
             self.sinks.add(event)
-        if events:
-            self.sinks.flush()
+        self.metrics.count_events(e.event for e in events)
+
+    def process(self, chunk: AudioChunk, emit: bool) -> None:
+        """One Kafka chunk; raises ChunkError for a chunk that must be skipped."""
+        events = self.monitor.process_chunk(chunk.stream_id, chunk.samples, chunk.sample_rate, chunk.capture_ts_ms / 1000)
+        self.audio_s += chunk.duration_s
+        self.metrics.audio_seconds.inc(chunk.duration_s)
+        if emit:
+            self._emit(events)
+
+    def end_stream(self, stream_id: str, emit: bool) -> None:
+        events = self.monitor.end_stream(stream_id)
+        if emit:
+            self._emit(events)
+
+    def open_match(self, stream_id: str) -> tuple[str, float] | None:
+        return self.monitor.open_match(stream_id)
+
+    def restore_match(self, stream_id: str, song_id: str | None, started_s: float) -> None:
+        self.monitor.restore_match(stream_id, song_id, started_s)
+
+    def deliver(self) -> bool:
+        """Flush every sink; True when all of them took every event (Kafka: acknowledged)."""
+        return self.sinks.flush()
+
+    def tick(self) -> None:
+        """Called between chunks: watchdog, reload requests, microphone losses."""
+        self.notifier.watchdog()
+        if self._reload_requested:
+            self._reload_requested = False
+            self._reload_index()
+        if isinstance(self.source, MicSource):
+            lost = self.source.overflows + self.source.dropped_blocks
+            if lost > self._mic_lost:
+                self.metrics.mic_overflows.inc(lost - self._mic_lost)
+                self._mic_lost = lost
 
     def handle_chunk(self, stream_id: str, samples, sample_rate: int) -> None:
+        """One block from a file or microphone source."""
+        started = time.perf_counter()
         try:
             events = self.monitor.process_chunk(stream_id, samples, sample_rate)
         except ChunkError as exc:
             self.monitor.counts["bad_chunks"] += 1
+            self.metrics.chunks.labels("bad_chunk").inc()
             log.warning("skipped chunk: %s", exc)
             return
-        self.audio_s += len(samples) / sample_rate
+        seconds = len(samples) / sample_rate
+        self.audio_s += seconds
+        self.metrics.audio_seconds.inc(seconds)
+        self.metrics.chunks.labels("processed").inc()
         self._emit(events)
+        if events:
+            self.deliver()
+        self.metrics.chunk_latency.observe(time.perf_counter() - started)
+        self.tick()
+
+    # -- signals --------------------------------------------------------------------------
+    def _reload_index(self) -> None:
+        self.notifier.reloading("reloading the index")
+        try:
+            self.monitor.replace_index(self._load_index())
+            self.metrics.index_reloads.labels("ok").inc()
+        except (ArtifactError, OSError, ValueError) as exc:
+            self.metrics.index_reloads.labels("failed").inc()
+            log.error("index reload refused, keeping the loaded index: %s", exc)
+        self.notifier.ready(self._status())
+
+    def _past_drain_deadline(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() > self._drain_deadline
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            log.info("received SIGHUP: reloading the index between chunks")
+            self._reload_requested = True
+            return
         self._interrupts += 1
         if self._interrupts > 1 and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        log.info("received %s: draining", signal.Signals(signum).name)
+        log.info("received %s: draining (at most %.0f s)", signal.Signals(signum).name, self.cfg.service.drain_timeout_s)
+        self._drain_deadline = time.monotonic() + self.cfg.service.drain_timeout_s
+        self.notifier.stopping("draining")
         self.source.stop()
 
+    def _status(self) -> str:
+        return f"{len(self.monitor.index.songs)} songs indexed; {len(self.monitor.streams)} streams"
+
+    # -- run ------------------------------------------------------------------------------
     def run(self) -> ExitCode:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
         started = time.perf_counter()
+        self.metrics_server = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
+        self.notifier.ready(self._status())
         try:
-            self.source.run(self.handle_chunk)
+            self.source.run(self if self.is_kafka else self.handle_chunk)
         finally:
-            for stream_id in list(self.monitor.streams):
-                self._emit(self.monitor.end_stream(stream_id))
+            if not self.is_kafka:  # a file or microphone stream ends here; a Kafka stream lives on
+                for stream_id in list(self.monitor.streams):
+                    self.end_stream(stream_id, emit=True)
             self.sinks.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            self.notifier.close()
             elapsed = time.perf_counter() - started
             log.info(
                 "served %.1f s of audio in %.1f s (%.1fx real time); chunks=%d bad_chunks=%d decisions=%d matches=%d stages=%s",

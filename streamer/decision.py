@@ -52,6 +52,16 @@ class Hysteresis:
         self.history.clear()
         return decisions
 
+    def remap(self, rows: dict[int, int | None]) -> None:
+        """Follow an index reload: old song row -> new row (None = the song left the catalog)."""
+        if self.current is not None and rows.get(self.current) is None:
+            log.info("the matched song left the index: its match is dropped without an end event")
+        self.current = rows.get(self.current) if self.current is not None else None
+        self.streak_song = rows.get(self.streak_song) if self.streak_song is not None else None
+        if self.streak_song is None:
+            self.streak = 0
+        self.history = {rows[song]: scores for song, scores in self.history.items() if rows.get(song) is not None}
+
     def _last(self, song: int) -> float:
         scores = self.history.get(song)
         return float(scores[-1]) if scores else 0.0

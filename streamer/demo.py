@@ -86,6 +86,7 @@ def summarize(events: list[dict], truth: dict) -> list[str]:
 def run_demo(cfg: Config, workdir: Path | None, realtime: bool = False) -> ExitCode:
     workdir = ensure_demo_data(workdir or default_workdir())
     cfg = replace_section(cfg, "index", path=str(ensure_demo_index(workdir, cfg)))
+    cfg = replace_section(cfg, "metrics", port=0)  # a demo run must not collide with a running service
     server = Server(cfg, f"file:{workdir / 'stream.wav'}", fast=not realtime, stream_id="demo-radio")
     collector = CollectingSink()
     server.sinks.sinks.append(collector)

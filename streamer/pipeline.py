@@ -10,8 +10,10 @@ call, and a song's score is the maximum over windows and over its retrieved segm
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +25,17 @@ from streamer.decision import Decision, Hysteresis
 from streamer.decode import StreamResampler, to_mono
 from streamer.embedder import Embedder
 from streamer.events import MatchEvent, make_event_id, utc_now_iso
+from streamer.metrics import Metrics
 from streamer.rolling import FrameRing, IncrementalCqt
 
 log = logging.getLogger(__name__)
 
 MAX_ABS_SAMPLE = 1e3  # float samples beyond this are a broken producer, not loud audio
+
+
+def frame_end_s(n_frames: int, kernel_length: int) -> float:
+    """Seconds of audio needed to complete `n_frames` CQT frames (valid framing, hop 512)."""
+    return ((n_frames - 1) * HOP_LENGTH + kernel_length) / SAMPLE_RATE if n_frames > 0 else 0.0
 
 
 class ChunkError(AudioError):
@@ -54,13 +62,16 @@ def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Threshold
 
 @dataclass
 class StageTimes:
-    """Seconds spent per stage, summed over the run (for benchmarks and metrics)."""
+    """Seconds spent per stage, summed over the run (benchmarks) and passed to `observer` (metrics)."""
 
     seconds: Counter = field(default_factory=Counter)
+    observer: Callable[[str, float], None] | None = None
 
     def add(self, stage: str, started: float) -> float:
         now = time.perf_counter()
         self.seconds[stage] += now - started
+        if self.observer is not None:
+            self.observer(stage, now - started)
         return now
 
 
@@ -68,36 +79,90 @@ class StageTimes:
 class StreamState:
     stream_id: str
     input_rate: int
+    origin_s: float  # source clock at the stream's first sample: 0 for files/mic, capture time for Kafka
     resampler: StreamResampler
     cqt: IncrementalCqt
     ring: FrameRing
     decider: Hysteresis
+    next_grid: int  # decisions happen at source-clock times next_grid * hop_s
     next_decision_frame: int
     samples_in: int = 0  # at SAMPLE_RATE
     counts: Counter = field(default_factory=Counter)
 
+    @property
+    def clock_s(self) -> float:
+        """Source-clock time of the end of the audio received so far."""
+        return self.origin_s + self.samples_in / SAMPLE_RATE
+
 
 class Monitor:
-    def __init__(self, embedder: Embedder, index: IndexStore, stream_cfg: StreamConfig, decision_cfg: DecisionConfig) -> None:
+    def __init__(
+        self, embedder: Embedder, index: IndexStore, stream_cfg: StreamConfig, decision_cfg: DecisionConfig, metrics: Metrics | None = None
+    ) -> None:
         self.embedder = embedder
+        self.metrics = metrics
         self.index = index
         self.stream_cfg = stream_cfg
         self.decision_cfg = decision_cfg
         self.thresholds = resolve_thresholds(decision_cfg, index.calibration)
         self.window_frames = [seconds_to_frames(s) for s in stream_cfg.windows_s]
-        self.hop_frames = seconds_to_frames(stream_cfg.hop_s)
         self.silence_power = 10.0 ** (stream_cfg.silence_dbfs / 10.0)  # mean square
         self.streams: dict[str, StreamState] = {}
-        self.times = StageTimes()
+        self.times = StageTimes(observer=metrics.observe_stage if metrics else None)
         self.counts: Counter = Counter()
+        if metrics:
+            metrics.set_index(len(index.songs), index.n_vectors)
         log.info("decision thresholds start=%.3f end=%.3f (%s)", self.thresholds.start, self.thresholds.end, self.thresholds.source)
 
-    def _new_stream(self, stream_id: str, rate: int) -> StreamState:
-        return StreamState(
+    def replay_horizon_s(self) -> float:
+        """Audio that rebuilds a stream's decisions exactly: longest window + score history + a hop."""
+        return max(self.stream_cfg.windows_s) + (self.decision_cfg.history_hops + 1) * self.stream_cfg.hop_s
+
+    def replace_index(self, index: IndexStore) -> None:
+        """Swap in a reloaded index between chunks; open matches follow their song ids."""
+        thresholds = resolve_thresholds(self.decision_cfg, index.calibration)
+        new_rows = {song.song_id: row for row, song in enumerate(index.songs)}
+        rows = {row: new_rows.get(song.song_id) for row, song in enumerate(self.index.songs)}
+        for state in self.streams.values():
+            state.decider.remap(rows)
+            state.decider.start_threshold, state.decider.end_threshold = thresholds.start, thresholds.end
+        self.index, self.thresholds = index, thresholds
+        if self.metrics:
+            self.metrics.set_index(len(index.songs), index.n_vectors)
+        log.info("index replaced: %d songs, thresholds start=%.3f end=%.3f", len(index.songs), thresholds.start, thresholds.end)
+
+    def open_match(self, stream_id: str) -> tuple[str, float] | None:
+        """(song_id, start time) of the stream's open match, if any (checkpointed with Kafka commits)."""
+        state = self.streams.get(stream_id)
+        if state is None or state.decider.current is None:
+            return None
+        return self.index.songs[state.decider.current].song_id, state.decider.current_started_s
+
+    def restore_match(self, stream_id: str, song_id: str | None, started_s: float) -> None:
+        """Make the stream's open match the checkpointed one (None: no match open).
+
+        After a restart the replayed audio rebuilds windows and score history, but a match
+        that opened before the replayed span would be re-detected with a later start; the
+        checkpoint keeps its identity (song, start time, hence its event ids).
+        """
+        state = self.streams.get(stream_id)
+        if state is None:
+            return
+        rows = {song.song_id: row for row, song in enumerate(self.index.songs)}
+        state.decider.current = rows.get(song_id) if song_id is not None else None
+        state.decider.current_started_s = started_s
+        state.decider.below = 0
+
+    def _new_stream(self, stream_id: str, rate: int, origin_s: float) -> StreamState:
+        cqt = IncrementalCqt(self.embedder.cqt, self.embedder.kernel_length)
+        first_ready_s = origin_s + frame_end_s(min(self.window_frames), cqt.kernel_length)
+        first_grid = math.ceil(first_ready_s / self.stream_cfg.hop_s - 1e-9)
+        state = StreamState(
             stream_id=stream_id,
             input_rate=rate,
+            origin_s=origin_s,
             resampler=StreamResampler(rate),
-            cqt=IncrementalCqt(self.embedder.cqt, self.embedder.kernel_length),
+            cqt=cqt,
             ring=FrameRing(max(self.window_frames)),
             decider=Hysteresis(
                 self.thresholds.start,
@@ -106,17 +171,24 @@ class Monitor:
                 self.decision_cfg.end_hops,
                 self.decision_cfg.history_hops,
             ),
-            next_decision_frame=min(self.window_frames),
+            next_grid=first_grid,
+            next_decision_frame=0,
         )
+        state.next_decision_frame = self._frame_at(state, first_grid * self.stream_cfg.hop_s)
+        return state
 
-    def _frame_time(self, state: StreamState, frame: int) -> float:
-        """Stream time (s) at the end of the audio that frame index `frame` (exclusive) covers."""
-        return ((frame - 1) * HOP_LENGTH + state.cqt.kernel_length) / SAMPLE_RATE if frame > 0 else 0.0
+    def _frame_at(self, state: StreamState, clock_s: float) -> int:
+        """The first frame count whose audio reaches source-clock time `clock_s`."""
+        offset = (clock_s - state.origin_s) * SAMPLE_RATE - state.cqt.kernel_length
+        return max(min(self.window_frames), math.ceil(offset / HOP_LENGTH - 1e-6) + 1)
 
-    def process_chunk(self, stream_id: str, samples: np.ndarray, sample_rate: int) -> list[MatchEvent]:
+    def process_chunk(self, stream_id: str, samples: np.ndarray, sample_rate: int, clock_s: float | None = None) -> list[MatchEvent]:
         """Feed one chunk ((N,) or (N, C) float samples at sample_rate); return the events it caused.
 
-        Raises ChunkError for a chunk that must be skipped; the stream's state is untouched then.
+        `clock_s` is the source clock at the chunk's first sample (Kafka: capture time); it
+        sets a new stream's origin, so decisions fall on the same hop grid whichever chunk a
+        stream (re)starts from. Raises ChunkError for a chunk that must be skipped; the
+        stream's state is untouched then.
         """
         if samples.ndim not in (1, 2) or samples.size == 0:
             raise ChunkError(f"stream {stream_id}: empty or mis-shaped chunk {samples.shape}")
@@ -130,10 +202,12 @@ class Monitor:
             if state is not None:
                 log.warning("stream %s changed sample rate %d -> %d: restarting its window", stream_id, state.input_rate, sample_rate)
             try:
-                state = self._new_stream(stream_id, sample_rate)
+                state = self._new_stream(stream_id, sample_rate, clock_s or 0.0)
             except AudioError as exc:
                 raise ChunkError(f"stream {stream_id}: {exc}") from None
             self.streams[stream_id] = state
+            if self.metrics:
+                self.metrics.active_streams.set(len(self.streams))
         mono = state.resampler.process(to_mono(samples))
         state.samples_in += len(mono)
         now = self.times.add("resample", started)
@@ -151,8 +225,9 @@ class Monitor:
             state.ring.append(frames[:take], energy[:take])
             frames, energy, done = frames[take:], energy[take:], done + take
             if done == state.next_decision_frame:
-                events.extend(self._decide(state, self._frame_time(state, done)))
-                state.next_decision_frame += self.hop_frames
+                events.extend(self._decide(state, state.next_grid * self.stream_cfg.hop_s))
+                state.next_grid += 1
+                state.next_decision_frame = self._frame_at(state, state.next_grid * self.stream_cfg.hop_s)
         return events
 
     def song_scores(self, windows: list[np.ndarray]) -> dict[int, float]:
@@ -178,6 +253,8 @@ class Monitor:
                 continue
             windows.append(frames)
         self.counts["decisions"] += 1
+        if self.metrics:
+            self.metrics.decisions.inc()
         scores = self.song_scores(windows) if windows else {}
         started = time.perf_counter()
         decisions = state.decider.update(scores, time_s)
@@ -202,6 +279,8 @@ class Monitor:
     def end_stream(self, stream_id: str) -> list[MatchEvent]:
         """The stream ended (or jumped): close an open match and drop its state."""
         state = self.streams.pop(stream_id, None)
+        if self.metrics:
+            self.metrics.active_streams.set(len(self.streams))
         if state is None:
             return []
-        return [self._event(state, d) for d in state.decider.reset(state.samples_in / SAMPLE_RATE)]
+        return [self._event(state, d) for d in state.decider.reset(state.clock_s)]

@@ -64,19 +64,23 @@ class FanOut:
         self.sinks = sinks
         self.failures = 0
 
-    def _each(self, action: str, *args: object) -> None:
+    def _each(self, action: str, *args: object) -> bool:
+        ok = True
         for sink in self.sinks:
             try:
                 getattr(sink, action)(*args)
             except Exception:  # a broken sink must not stop the pipeline or the other sinks
+                ok = False
                 self.failures += 1
                 log.exception("sink %s failed on %s", type(sink).__name__, action)
+        return ok
 
     def add(self, event: MatchEvent) -> None:
         self._each("add", event)
 
-    def flush(self) -> None:
-        self._each("flush")
+    def flush(self) -> bool:
+        """True when every sink took every event (a Kafka sink: acknowledged by the broker)."""
+        return self._each("flush")
 
-    def close(self) -> None:
-        self._each("close")
+    def close(self) -> bool:
+        return self._each("close")

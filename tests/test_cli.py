@@ -1,31 +1,13 @@
 """The `coverwatch` command line, run as a real subprocess."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile
 
 from streamer.audio import SAMPLE_RATE
-from tests.conftest import melody
-
-
-def coverwatch(*args, check=False):
-    proc = subprocess.run([sys.executable, "-m", "streamer", *map(str, args)], capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
-    return proc
-
-
-@pytest.fixture()
-def index_dir(random_model_dir, refs_csv, tmp_path):
-    out = tmp_path / "idx"
-    proc = coverwatch("index", "build", "--model", random_model_dir, "--refs", refs_csv, "--out", out, check=True)
-    summary = json.loads(proc.stdout)
-    assert summary["songs"] == 3 and summary["vectors"] == 9
-    return out
+from tests.conftest import coverwatch, melody
 
 
 def test_index_info_and_add(index_dir, random_model_dir, tmp_path):

@@ -83,7 +83,7 @@ def test_truncated_or_missing_model_files_are_refused(random_model_dir, tmp_path
 
 def test_embedding_is_invariant_to_key_changes(random_model_dir):
     """A transposition is a roll of whole CQT bins; the pitch-class stem with circular convs and
-    a max over pitch makes the exported encoder's output identical for every key."""
+    key-relative tokens makes the exported encoder's output identical for every key."""
     embedder = Embedder(random_model_dir, threads=1)
     frames = embedder.cqt(melody(4, 15.0))
     reference = embedder.embed(frames[None])[0]

@@ -1,0 +1,85 @@
+"""Per-partition checkpoints of the Kafka source, kept on a Kafka topic of their own.
+
+A checkpoint says, for one (group, audio topic, partition): the last offset whose events
+were delivered, and each stream's open match (song id, start time). It is written, with
+acks=all, just before the offsets are committed, and read when a partition is assigned.
+Kafka's commit metadata could hold it, but not every Kafka-compatible broker stores that
+field (Tansu returns it empty), so a topic it is: key = "group|topic|partition", newest
+record wins. Create the topic with `cleanup.policy=compact` so it stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streamer.config import KafkaConfig
+from streamer.kafka_sink import producer_settings
+
+log = logging.getLogger(__name__)
+
+READ_IDLE_S = 1.0  # a partition of the checkpoint topic is read to its end when polls come back empty this long
+READ_LIMIT_S = 30.0
+
+
+def checkpoint_key(group: str, tp: TopicPartition) -> bytes:
+    return f"{group}|{tp.topic}|{tp.partition}".encode()
+
+
+class CheckpointTopic:
+    def __init__(self, cfg: KafkaConfig) -> None:
+        self.cfg = cfg
+        self._producer: KafkaProducer | None = None
+
+    def save(self, checkpoints: dict[TopicPartition, dict]) -> None:
+        """Write every checkpoint and wait for acks=all (raises KafkaError on failure)."""
+        if self._producer is None:
+            self._producer = KafkaProducer(**producer_settings(self.cfg, "checkpoints"))
+        futures = [
+            self._producer.send(self.cfg.checkpoint_topic, key=checkpoint_key(self.cfg.group_id, tp), value=json.dumps(state).encode())
+            for tp, state in checkpoints.items()
+        ]
+        for future in futures:
+            future.get(timeout=3 * self.cfg.send_timeout_s + 1)
+
+    def load(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, dict]:
+        """The newest checkpoint of each partition that has one."""
+        wanted = {checkpoint_key(self.cfg.group_id, tp): tp for tp in partitions}
+        found: dict[TopicPartition, dict] = {}
+        consumer = KafkaConsumer(
+            bootstrap_servers=[s.strip() for s in self.cfg.bootstrap_servers.split(",") if s.strip()],
+            client_id=f"{self.cfg.client_id}-checkpoints",
+            group_id=None,
+            enable_auto_commit=False,
+        )
+        try:
+            ids = consumer.partitions_for_topic(self.cfg.checkpoint_topic) or set()
+            topic_partitions = [TopicPartition(self.cfg.checkpoint_topic, p) for p in sorted(ids)]
+            if not topic_partitions:
+                return found
+            consumer.assign(topic_partitions)
+            consumer.seek_to_beginning(*topic_partitions)
+            started = idle_since = time.monotonic()
+            # End offsets cannot be trusted on every broker (Tansu miscounts batches), so read
+            # until the topic stays quiet for READ_IDLE_S.
+            while time.monotonic() - idle_since < READ_IDLE_S and time.monotonic() - started < READ_LIMIT_S:
+                batch = consumer.poll(timeout_ms=200)
+                if batch:
+                    idle_since = time.monotonic()
+                for records in batch.values():
+                    for record in records:
+                        tp = wanted.get(record.key)
+                        if tp is not None:
+                            found[tp] = json.loads(record.value)
+        finally:
+            consumer.close()
+        log.info("checkpoints read for %d of %d partition(s)", len(found), len(wanted))
+        return found
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=self.cfg.send_timeout_s)

@@ -1,0 +1,136 @@
+"""Match events to a Kafka topic: key = stream id, value = the event's JSON, acks=all.
+
+`flush` returns only once the broker has acknowledged every event added so far. While the
+broker is unreachable it retries with doubling back-off (capped by
+`kafka.retry_backoff_max_s`) and keeps the events in memory, so the daemon's loop, which
+calls `flush` before committing any offset, stops consuming: back-pressure instead of
+loss. `should_abort()` (a drain deadline) is the only way out without delivery, and then
+nothing is committed, so the chunks are re-read after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from streamer.config import KafkaConfig
+from streamer.events import MatchEvent
+from streamer.metrics import Metrics
+from streamer.wire import MAX_VALUE_BYTES
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF_S = 0.25
+LINGER_MS = 5
+REQUEST_OVERHEAD_BYTES = 64 * 1024  # record and request framing around the largest chunk
+
+
+class DeliveryAborted(RuntimeError):
+    """Events could not be delivered before the caller gave up (shutdown deadline)."""
+
+
+def producer_settings(cfg: KafkaConfig, role: str) -> dict:
+    """Settings for every producer (events, dead letters, publish): acks=all, ordered, bounded in time."""
+    timeout_ms = max(100, int(cfg.send_timeout_s * 1000))
+    return {
+        "bootstrap_servers": [s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()],
+        "client_id": f"{cfg.client_id}-{role}",
+        "acks": "all",
+        "linger_ms": LINGER_MS,
+        "retries": 2**31 - 1,  # bounded in time by delivery_timeout_ms, not by count
+        "max_in_flight_requests_per_connection": 1,  # no reordering when a request is retried
+        # Not idempotent: kafka-python 3.0's idempotent producer never re-acquires its producer
+        # id after a batch expires during an outage, and then sends nothing. A retry may thus
+        # duplicate a message; chunks carry seq numbers and events deterministic ids.
+        "enable_idempotence": False,
+        "request_timeout_ms": timeout_ms,
+        "delivery_timeout_ms": 3 * timeout_ms + LINGER_MS,
+        "max_block_ms": timeout_ms,
+        "bootstrap_timeout_ms": timeout_ms,
+        "reconnect_backoff_max_ms": max(50, int(cfg.retry_backoff_max_s * 1000)),
+        "max_request_size": MAX_VALUE_BYTES + REQUEST_OVERHEAD_BYTES,
+    }
+
+
+class KafkaEventSink:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        metrics: Metrics | None = None,
+        keepalive: Callable[[], None] = lambda: None,
+        should_abort: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.keepalive = keepalive
+        self.should_abort = should_abort
+        self.pending: list[MatchEvent] = []
+        self._producer: KafkaProducer | None = None
+
+    def _connect(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = KafkaProducer(**producer_settings(self.cfg, "events"))
+        return self._producer
+
+    def add(self, event: MatchEvent) -> None:
+        self.pending.append(event)
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.events_pending.set(len(self.pending))
+
+    def _send_pending(self) -> None:
+        """One attempt: send everything pending, wait for acks, keep only what failed."""
+        producer = self._connect()
+        futures = [
+            (event, producer.send(self.cfg.events_topic, key=event.stream.encode(), value=event.to_json().encode(), headers=[("event_id", event.event_id.encode())]))
+            for event in self.pending
+        ]
+        producer.flush(timeout=3 * self.cfg.send_timeout_s + 1)  # the delivery timeout (producer_settings)
+        failed, first_error = [], None
+        for event, future in futures:
+            try:
+                future.get(timeout=0)
+            except Exception as exc:  # KafkaError or a not-yet-completed future after the timeout
+                failed.append(event)
+                first_error = first_error or exc
+        self.pending = failed
+        if first_error is not None:
+            raise KafkaError(f"{len(failed)} event(s) not acknowledged: {first_error!r}")
+
+    def flush(self) -> None:
+        backoff = FIRST_BACKOFF_S
+        while self.pending:
+            try:
+                self._send_pending()
+            except KafkaError as exc:
+                if self.metrics:
+                    self.metrics.kafka_errors.labels("produce_event").inc()
+                log.warning("event delivery failed (%d pending, retry in %.2f s): %s", len(self.pending), backoff, exc)
+                self._wait(backoff)
+                backoff = min(2 * backoff, self.cfg.retry_backoff_max_s)
+            finally:
+                self._gauge()
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self.keepalive()
+            if self.should_abort():
+                raise DeliveryAborted(f"{len(self.pending)} event(s) not delivered to {self.cfg.events_topic}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._producer is not None:
+                self._producer.close(timeout=self.cfg.send_timeout_s)
