@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import soxr
-
 from report import write_section  # bench/report.py, beside this script
+
 from index_builder.store import load_index
 from streamer.artifacts import DEFAULT_MODEL_DIR
 from streamer.config import Config

@@ -304,3 +304,29 @@ class MotoS3:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self._log.close()
+
+
+def read_messages(bootstrap: str, topic: str, count: int | None = None, timeout_s: float = 10.0, quiet_s: float = 1.0) -> list:
+    """Every message of `topic` from the start of each partition (no consumer group).
+
+    Stops once `count` messages arrived and 0.3 s passed without more (a duplicate would show
+    up then), or, without `count`, once the topic stayed quiet for `quiet_s`; at most `timeout_s`.
+    """
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest",
+                             enable_auto_commit=False, fetch_max_bytes=50 * 1024 * 1024)  # fmt: skip
+    messages: list = []
+    deadline = last_arrival = time.monotonic()
+    deadline += timeout_s
+    settle = 0.3 if count is not None else quiet_s
+    try:
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                messages.extend(batch)
+                last_arrival = time.monotonic()
+            if (count is None or len(messages) >= count) and time.monotonic() - last_arrival >= settle:
+                break
+    finally:
+        consumer.close()
+    return messages

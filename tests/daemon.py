@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.wire import encode_chunk
@@ -143,13 +143,4 @@ def send_stream(
     return seq
 
 
-def read_topic(bootstrap: str, topic: str, timeout_s: float = 3.0) -> list:
-    """Every message of a topic (from the beginning), waiting up to timeout_s for the end."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                             group_id=None, consumer_timeout_ms=int(timeout_s * 1000))  # fmt: skip
-    records = list(consumer)
-    consumer.close()
-    return records
-
-
-__all__ = ["Daemon", "free_port", "read_topic", "send_stream", "wait_for", "write_config"]
+__all__ = ["Daemon", "free_port", "send_stream", "wait_for", "write_config"]

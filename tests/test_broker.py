@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.broker import MotoS3, TansuBroker, unique_topic
+from tests.broker import MotoS3, TansuBroker, read_messages, unique_topic
 
 pytestmark = pytest.mark.filterwarnings("ignore:(read|open)_text is deprecated:DeprecationWarning")
 
@@ -23,27 +23,12 @@ def produce(bootstrap: str, topic: str, n: int) -> None:
         producer.close(timeout=5)
 
 
-def read_all(bootstrap: str, topic: str, n: int, timeout_s: float = 10.0) -> list:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
-    messages: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(messages) < n and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                messages.extend(batch)
-    finally:
-        consumer.close()
-    return messages
-
-
 def test_topics_and_headers(kafka_broker, make_topic) -> None:
     topic = make_topic(partitions=3)
     assert kafka_broker.partitions(topic) == 3
     assert kafka_broker.partitions(unique_topic("absent")) == 0  # describing does not auto-create
     produce(kafka_broker.bootstrap, topic, 9)
-    messages = read_all(kafka_broker.bootstrap, topic, 9)
+    messages = read_messages(kafka_broker.bootstrap, topic, 9)
     assert sorted(int(m.value) for m in messages) == list(range(9))
     assert all(m.headers == [("seq", m.value)] for m in messages)
 
@@ -79,4 +64,4 @@ def test_s3_storage_survives_restart() -> None:
         produce(broker.bootstrap, topic, 20)
         broker.restart()
         assert broker.partitions(topic) == 2
-        assert sorted(int(m.value) for m in read_all(broker.bootstrap, topic, 20)) == list(range(20))
+        assert sorted(int(m.value) for m in read_messages(broker.bootstrap, topic, 20)) == list(range(20))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -28,8 +28,9 @@ from streamer.audio import SAMPLE_RATE
 from streamer.checkpoints import CheckpointTopic
 from streamer.config import KafkaConfig
 from streamer.embedder import Embedder
+from tests.broker import read_messages
 from tests.conftest import coverwatch, tune
-from tests.daemon import Daemon, free_port, read_topic, send_stream, wait_for, write_config
+from tests.daemon import Daemon, free_port, send_stream, wait_for, write_config
 
 CHUNK_S = 0.5
 SONG_S = 60.0  # length of the indexed songs; streams play their beginnings
@@ -40,7 +41,7 @@ def song_then_silence(seed: int, song_s: float, silence_s: float) -> np.ndarray:
 
 
 def events_of(bootstrap: str, topic: str) -> list[dict]:
-    return [json.loads(r.value) for r in read_topic(bootstrap, topic)]
+    return [json.loads(r.value) for r in read_messages(bootstrap, topic)]
 
 
 def n_chunks(audio: np.ndarray) -> int:
@@ -155,7 +156,7 @@ def test_malformed_chunks_go_to_the_dead_letter_topic(kafka_broker, setup):
         wait_for(lambda: daemon.chunks() >= n_chunks(good), 60, "good chunks after bad ones not processed", daemon)
         metrics = daemon.metrics()
         assert daemon.stop() == 0
-    letters = read_topic(kafka_broker.bootstrap, f"{topic}.dlq")
+    letters = read_messages(kafka_broker.bootstrap, f"{topic}.dlq")
     reasons = sorted(dict(r.headers)["dead_letter_reason"].decode() for r in letters)
     assert reasons == sorted(bad)
     assert all(dict(r.headers)["source"].decode().startswith(f"{topic}/0/") for r in letters)
@@ -245,7 +246,7 @@ def test_two_instances_share_streams_and_one_takes_over(kafka_broker, make_topic
 
 def _partition_ends(bootstrap: str, topic: str, expected: int) -> dict[int, int] | None:
     """{partition: one past its last offset} once all `expected` messages are readable."""
-    records = read_topic(bootstrap, topic, timeout_s=2.0)
+    records = read_messages(bootstrap, topic)
     if len(records) < expected:
         return None
     ends: dict[int, int] = {}

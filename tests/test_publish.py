@@ -15,13 +15,12 @@ from streamer.kafka_sink import producer_settings
 from streamer.publish import PublishError, publish
 from streamer.sources import MicSource, parse_source
 from streamer.wire import AudioChunk, decode_chunk
-from tests.broker import free_port
+from tests.broker import free_port, read_messages
 
 FILE_RATE = 44100
 FILE_SECONDS = 3.0
 CHUNK_S = 0.1
 S16_STEP = 1.0 / 32768
-CONSUME_TIMEOUT_S = 15.0
 
 # kafka-python 3.0 loads its protocol schemas with the deprecated importlib.resources.read_text/open_text.
 pytestmark = pytest.mark.filterwarnings("ignore:(read|open)_text is deprecated:DeprecationWarning")
@@ -45,32 +44,6 @@ def kafka_config(bootstrap: str, **changes) -> KafkaConfig:
     return dataclasses.replace(KafkaConfig(), bootstrap_servers=bootstrap, **changes)
 
 
-def consume(bootstrap: str, topic: str, count: int, timeout_s: float = CONSUME_TIMEOUT_S) -> list:
-    """Read `count` messages from the start of every partition of `topic` (no consumer group)."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_bytes=50 * 1024 * 1024,
-    )
-    messages: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(messages) < count and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                messages.extend(batch)
-        # Anything beyond `count` would be a duplicate: give it a moment to show up.
-        for batch in consumer.poll(timeout_ms=300).values():
-            messages.extend(batch)
-    finally:
-        consumer.close()
-    return messages
-
-
 def decoded(messages: list) -> list[AudioChunk]:
     chunks = [decode_chunk(m.key, m.value, m.headers, max_chunk_s=10.0) for m in messages]
     return sorted(chunks, key=lambda c: c.seq)
@@ -91,7 +64,7 @@ def test_publish_file_round_trips_through_the_broker(kafka_broker, make_topic, s
     assert stats.bytes == len(audio) * 2 * (2 if encoding == "s16le" else 4)
     assert not stats.interrupted and stats.elapsed_s < FILE_SECONDS  # --fast: not paced at real time
 
-    messages = consume(kafka_broker.bootstrap, topic, n_chunks)
+    messages = read_messages(kafka_broker.bootstrap, topic, n_chunks)
     assert len(messages) == n_chunks
     assert {m.key for m in messages} == {b"studio-a/take:1"}
     assert len({m.partition for m in messages}) == 1  # keyed: one stream stays on one partition, in order
@@ -122,7 +95,7 @@ def test_start_seq_and_mono_chunks(kafka_broker, make_topic, tmp_path) -> None:
     source = parse_source(f"file:{path}", mic=MicConfig(), block_s=0.25, fast=True)
     stats = publish(source, "mono", topic, kafka_config(kafka_broker.bootstrap), start_seq=100)
     assert (stats.chunks, stats.first_seq, stats.next_seq) == (4, 100, 104)
-    chunks = decoded(consume(kafka_broker.bootstrap, topic, 4))
+    chunks = decoded(read_messages(kafka_broker.bootstrap, topic, 4))
     assert [c.seq for c in chunks] == [100, 101, 102, 103]
     assert all(c.samples.shape == (4000, 1) for c in chunks)
 
@@ -147,7 +120,7 @@ def test_mic_capture_ts_is_arrival_minus_block_duration(kafka_broker, make_topic
     topic = make_topic()
     mic = FakeMic(blocks=4, block_s=0.05)
     stats = publish(mic, "mic-1", topic, kafka_config(kafka_broker.bootstrap))
-    chunks = decoded(consume(kafka_broker.bootstrap, topic, stats.chunks))
+    chunks = decoded(read_messages(kafka_broker.bootstrap, topic, stats.chunks))
     assert len(chunks) == 4
     for chunk, arrival in zip(chunks, mic.arrivals_ms):
         assert arrival - 50 - 1 <= chunk.capture_ts_ms <= arrival - 50 + 20  # stamped right after arrival
@@ -186,7 +159,7 @@ def test_short_outage_delays_but_loses_and_reorders_nothing(kafka_broker, make_t
     source = OutageSource(kafka_broker, blocks=24, at=4, outage_s=0.6)
     stats = publish(source, "s", topic, kafka_config(kafka_broker.bootstrap, send_timeout_s=2.0, retry_backoff_max_s=0.2))
     assert stats.chunks == 24
-    chunks = decoded(consume(kafka_broker.bootstrap, topic, 24))
+    chunks = decoded(read_messages(kafka_broker.bootstrap, topic, 24))
     assert [c.seq for c in chunks] == list(range(24))
     assert [round(float(c.samples[0, 0]) * 100) for c in chunks] == list(range(24))
 
@@ -263,6 +236,6 @@ def test_empty_blocks_are_skipped_and_non_finite_samples_replaced(kafka_broker, 
     source = ListSource([np.zeros((0, 1), np.float32), bad, np.full((4, 1), 0.5, np.float32)])
     stats = publish(source, "s", topic, kafka_config(kafka_broker.bootstrap), encoding="f32le")
     assert (stats.chunks, stats.frames) == (2, 8)
-    chunks = decoded(consume(kafka_broker.bootstrap, topic, 2))  # the consumer would refuse non-finite f32
+    chunks = decoded(read_messages(kafka_broker.bootstrap, topic, 2))  # the consumer would refuse non-finite f32
     assert [c.seq for c in chunks] == [0, 1]
     np.testing.assert_array_equal(chunks[0].samples[:, 0], [0.0, 1.0, -1.0, 0.25])
