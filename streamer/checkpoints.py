@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -46,8 +46,8 @@ class CheckpointTopic:
         for future in futures:
             future.get(timeout=3 * self.cfg.send_timeout_s + 1)
 
-    def load(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, dict]:
-        """The newest checkpoint of each partition that has one."""
+    def load(self, partitions: Iterable[TopicPartition], keepalive: Callable[[], None] = lambda: None) -> dict[TopicPartition, dict]:
+        """The newest checkpoint of each partition that has one; `keepalive` runs between polls."""
         wanted = {checkpoint_key(self.cfg.group_id, tp): tp for tp in partitions}
         found: dict[TopicPartition, dict] = {}
         consumer = KafkaConsumer(
@@ -68,6 +68,7 @@ class CheckpointTopic:
             # until the topic stays quiet for READ_IDLE_S.
             while time.monotonic() - idle_since < READ_IDLE_S and time.monotonic() - started < READ_LIMIT_S:
                 batch = consumer.poll(timeout_ms=200)
+                keepalive()  # the systemd watchdog must not fire while a large topic is read
                 if batch:
                     idle_since = time.monotonic()
                 for records in batch.values():

@@ -162,7 +162,8 @@ class KafkaSource:
                         self._handle(tp, record)
                 if batch:
                     self._deliver_and_commit([tp for tp in batch if tp in self.owned])
-                self._drop_idle_streams()
+                if self._drop_idle_streams():
+                    self._processor.deliver()  # their match_end events; nothing to commit
                 self._update_lag()
                 processor.tick()
         finally:
@@ -286,13 +287,15 @@ class KafkaSource:
         open_matches = {sid: self._processor.open_match(sid) for sid, track in self.tracks.items() if track.partition == tp}
         return {"committed": offset, "delivered": delivered, "open": open_matches}
 
-    def _drop_idle_streams(self) -> None:
+    def _drop_idle_streams(self) -> int:
+        """Close streams without a chunk for `stream_idle_s` (their open matches end); how many."""
         now = time.monotonic()
-        for stream_id, track in list(self.tracks.items()):
-            if now - track.last_seen > self.cfg.stream_idle_s:
-                log.info("stream %s idle for %.0f s: closed", stream_id, now - track.last_seen)
-                del self.tracks[stream_id]
-                self._processor.end_stream(stream_id, emit=True)
+        idle = [sid for sid, track in self.tracks.items() if now - track.last_seen > self.cfg.stream_idle_s]
+        for stream_id in idle:
+            log.info("stream %s idle for %.0f s: closed", stream_id, now - self.tracks[stream_id].last_seen)
+            del self.tracks[stream_id]
+            self._processor.end_stream(stream_id, emit=True)
+        return len(idle)
 
     def _update_lag(self) -> None:
         if not self.metrics:
@@ -349,7 +352,7 @@ class KafkaSource:
         streams' open matches are restored."""
         partitions, self._unread_checkpoints = self._unread_checkpoints, set()
         try:
-            found = self.checkpoint_store.load(partitions)
+            found = self.checkpoint_store.load(partitions, keepalive=self._processor.tick)
         except KafkaError as exc:  # without a checkpoint the replay emits again: duplicates, never loss
             self._error("read_checkpoints", exc)
             return

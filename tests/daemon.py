@@ -19,10 +19,13 @@ from streamer.wire import encode_chunk
 from tests.broker import free_port
 
 
-def write_config(path: Path, bootstrap: str, audio_topic: str, events_topic: str, group: str, metrics_port: int, thresholds: str = "") -> Path:
+def write_config(
+    path: Path, bootstrap: str, audio_topic: str, events_topic: str, group: str, metrics_port: int, thresholds: str = "", kafka_extra: str = ""
+) -> Path:
     """A daemon config for tests: short windows and hops, fast group membership, a free metrics port.
 
-    `thresholds` holds start_threshold/end_threshold lines for the [decision] table."""
+    `thresholds` holds start_threshold/end_threshold lines for the [decision] table,
+    `kafka_extra` more lines for the [kafka] table."""
     path.write_text(
         f"""
 [stream]
@@ -46,6 +49,7 @@ session_timeout_ms = 6000
 heartbeat_interval_ms = 1000
 send_timeout_s = 3.0
 retry_backoff_max_s = 1.0
+{kafka_extra}
 [metrics]
 port = {metrics_port}
 """

@@ -89,11 +89,12 @@ def setup(kafka_broker, make_topic, tmp_path, shipped_model_index):
     audio_topic = make_topic(1)
 
     def make_daemon(
-        name: str, group: str | None = None, events: str | None = None, topic: str | None = None, index: Path | None = None, env: dict | None = None
-    ) -> Daemon:
+        name: str, group: str | None = None, events: str | None = None, topic: str | None = None, index: Path | None = None,
+        env: dict | None = None, kafka_extra: str = "",
+    ) -> Daemon:  # fmt: skip
         config = write_config(
             tmp_path / f"{name}.toml", kafka_broker.bootstrap, topic or audio_topic, events or f"{audio_topic}.events",
-            group or f"g-{uuid.uuid4().hex[:8]}", free_port(), decision,
+            group or f"g-{uuid.uuid4().hex[:8]}", free_port(), decision, kafka_extra,
         )  # fmt: skip
         return Daemon(tmp_path, name, config, model_dir, index or index_dir, env)
 
@@ -123,6 +124,19 @@ def test_publish_serve_events_and_metrics(kafka_broker, setup):
     assert metrics["coverwatch_chunk_to_decision_seconds_count"] == n_chunks(audio)
     assert any(k.startswith("coverwatch_model_info{") for k in metrics)
     assert "process_resident_memory_bytes" in metrics
+
+
+def test_idle_stream_is_closed_and_its_match_ended(kafka_broker, setup):
+    """A stream that stops mid-song (no silence, no more chunks) is closed after stream_idle_s."""
+    make_daemon, topic = setup
+    audio = tune(1, 20.0)
+    with make_daemon("d", kafka_extra="stream_idle_s = 3.0") as daemon:
+        send_stream(kafka_broker.bootstrap, topic, "cut", audio, SAMPLE_RATE, CHUNK_S)
+        events = wait_for(lambda: len(e := events_of(kafka_broker.bootstrap, f"{topic}.events")) >= 2 and e, 60, "no match_end", daemon)
+        assert daemon.metric("coverwatch_active_streams") == 0
+        assert daemon.stop() == 0
+    assert [(e["event"], e["song_id"]) for e in events] == [("match_start", "song1"), ("match_end", "song1")]
+    assert "stream cut idle" in daemon.stderr_path.read_text()
 
 
 def test_malformed_chunks_go_to_the_dead_letter_topic(kafka_broker, setup):
