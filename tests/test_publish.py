@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from streamer.publish import PublishError, publish
 from streamer.sources import MicSource, parse_source
 from streamer.wire import AudioChunk, decode_chunk
 from tests.broker import free_port, read_messages
+from tests.conftest import coverwatch
 
 FILE_RATE = 44100
 FILE_SECONDS = 3.0
@@ -239,3 +241,19 @@ def test_empty_blocks_are_skipped_and_non_finite_samples_replaced(kafka_broker, 
     chunks = decoded(read_messages(kafka_broker.bootstrap, topic, 2))  # the consumer would refuse non-finite f32
     assert [c.seq for c in chunks] == [0, 1]
     np.testing.assert_array_equal(chunks[0].samples[:, 0], [0.0, 1.0, -1.0, 0.25])
+
+
+def test_publish_command_line(kafka_broker, make_topic, stereo_wav, tmp_path) -> None:
+    """`coverwatch publish` as a subprocess: JSON stats on stdout, every chunk on the topic;
+    an unreachable broker is one line on stderr and exit 1."""
+    path, audio = stereo_wav
+    topic = make_topic()
+    config = tmp_path / "cw.toml"
+    config.write_text(f'[kafka]\nbootstrap_servers = "{kafka_broker.bootstrap}"\n')
+    proc = coverwatch("--config", config, "publish", "--source", f"file:{path}", "--stream", "box-1", "--topic", topic, "--fast", check=True)
+    stats = json.loads(proc.stdout)
+    assert stats["chunks"] == len(read_messages(kafka_broker.bootstrap, topic, stats["chunks"]))
+    assert stats["frames"] == len(audio)
+    config.write_text('[kafka]\nbootstrap_servers = "127.0.0.1:1"\nsend_timeout_s = 1.0\n')
+    failed = coverwatch("--config", config, "publish", "--source", f"file:{path}", "--stream", "box-1", "--topic", topic, "--fast")
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1].startswith("coverwatch: error:"), failed.stderr
