@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from index_builder.build import embed_reference
-from model.retrieval_metrics import RetrievalScores, evaluate_similarity
+from model.retrieval_metrics import evaluate_similarity
 from model.train import read_split
 from streamer.audio import BINS_PER_OCTAVE, seconds_to_frames
 from streamer.config import IndexBuildConfig
@@ -30,7 +30,7 @@ from streamer.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
-EXCERPT_SECONDS = (10.0, 20.0)
+EXCERPT_SECONDS = (5.0, 10.0, 20.0, 30.0)  # the rendered versions last at most 40 s
 CHROMA_POOL = 20  # CQT frames averaged per chroma frame (~0.46 s)
 PATCH = 32  # chroma frames per 2D-FFT patch (~15 s)
 PATCH_HOP = 8
@@ -65,23 +65,44 @@ def _excerpt(frames: np.ndarray, seconds: float) -> np.ndarray:
     return frames[start : start + n]
 
 
-def excerpt_scores(
-    embedder: Embedder, all_frames: list[np.ndarray], groups: np.ndarray, seconds: float, build_cfg: IndexBuildConfig
-) -> RetrievalScores:
-    """Excerpt queries vs references represented by segments (best segment per track)."""
-    ref_vectors = [embed_reference(embedder, f, build_cfg)[0] for f in all_frames]
+def _best_per_track(vector_sim: np.ndarray, owners: np.ndarray, n_tracks: int) -> np.ndarray:
+    """(Q, V) query-vs-segment similarities -> (Q, n_tracks): best segment of each track."""
+    track_sim = np.full((len(vector_sim), n_tracks), -np.inf, dtype=np.float32)
+    for track in range(n_tracks):
+        track_sim[:, track] = vector_sim[:, owners == track].max(axis=1)
+    return track_sim
+
+
+def model_figures(embedder: Embedder, frames: list[np.ndarray], groups: np.ndarray, name: str) -> dict:
+    """Whole-track and excerpt figures of one model over the same CQT frames."""
+    whole = np.concatenate([embedder.embed(f[None].astype(np.float32)) for f in tqdm(frames, desc=f"{name}: whole", unit="track")])
+    build_cfg = IndexBuildConfig()
+    ref_vectors = [embed_reference(embedder, f, build_cfg)[0] for f in tqdm(frames, desc=f"{name}: references", unit="track")]
     owners = np.concatenate([np.full(len(v), i) for i, v in enumerate(ref_vectors)])
     stacked = np.concatenate(ref_vectors)
-    queries = np.concatenate([embedder.embed(_excerpt(f, seconds)[None].astype(np.float32)) for f in all_frames])
-    vector_sim = queries @ stacked.T  # (Q, V)
-    track_sim = np.full((len(all_frames), len(all_frames)), -np.inf, dtype=np.float32)
-    for track in range(len(all_frames)):
-        track_sim[:, track] = vector_sim[:, owners == track].max(axis=1)
-    return evaluate_similarity(track_sim, groups, groups, exclude_self=True)
+    figures = {"whole_track": evaluate_similarity(whole @ whole.T, groups, groups, exclude_self=True).as_dict(), "excerpts": {}}
+    for seconds in EXCERPT_SECONDS:
+        queries = np.concatenate([embedder.embed(_excerpt(f, seconds)[None].astype(np.float32)) for f in frames])
+        track_sim = _best_per_track(queries @ stacked.T, owners, len(frames))
+        figures["excerpts"][f"{seconds:g}s"] = evaluate_similarity(track_sim, groups, groups, exclude_self=True).as_dict()
+    return figures
 
 
-def evaluate_heldout(manifest: Path, model_dir: Path, report: Path, threads: int, split: str = "val") -> dict:
-    """Compute all figures, write a Markdown report, return them as a dict."""
+def chroma_figures(frames: list[np.ndarray], groups: np.ndarray) -> dict:
+    """The same figures for the chroma 2D-FFT baseline (excerpts against whole references)."""
+    chroma = np.stack([chroma_2dftm(f) for f in frames])
+    figures = {"whole_track": evaluate_similarity(chroma @ chroma.T, groups, groups, exclude_self=True).as_dict(), "excerpts": {}}
+    for seconds in EXCERPT_SECONDS:
+        queries = np.stack([chroma_2dftm(_excerpt(f, seconds)) for f in frames])
+        figures["excerpts"][f"{seconds:g}s"] = evaluate_similarity(queries @ chroma.T, groups, groups, exclude_self=True).as_dict()
+    return figures
+
+
+def evaluate_heldout(
+    manifest: Path, model_dir: Path, report: Path, threads: int, split: str = "val", previous_model_dir: Path | None = None
+) -> dict:
+    """Compute all figures (the model, optionally a previous model, chroma, random), write a
+    Markdown report and a plot of mAP against excerpt length, return the figures."""
     embedder = Embedder(model_dir, threads)
     train_items, val_items = read_split(manifest)
     items = val_items if split == "val" else train_items
@@ -93,30 +114,18 @@ def evaluate_heldout(manifest: Path, model_dir: Path, report: Path, threads: int
         except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", path, exc)
     groups_arr = np.array(groups)
-    whole = np.concatenate([embedder.embed(f[None].astype(np.float32)) for f in tqdm(frames, desc="embed", unit="track")])
-    chroma = np.stack([chroma_2dftm(f) for f in frames])
-    results = {
-        "tracks": len(frames),
-        "groups": len(set(groups)),
-        "model_hash": embedder.info.model_hash,
-        "whole_track": {
-            "model": evaluate_similarity(whole @ whole.T, groups_arr, groups_arr, exclude_self=True).as_dict(),
-            "chroma_2dftm": evaluate_similarity(chroma @ chroma.T, groups_arr, groups_arr, exclude_self=True).as_dict(),
-            "random": evaluate_similarity(
-                np.random.default_rng(0).random((len(frames), len(frames))), groups_arr, groups_arr, exclude_self=True
-            ).as_dict(),
-        },
-        "excerpts": {},
-    }
-    build_cfg = IndexBuildConfig()
-    for seconds in EXCERPT_SECONDS:
-        model_scores = excerpt_scores(embedder, frames, groups_arr, seconds, build_cfg)
-        chroma_q = np.stack([chroma_2dftm(_excerpt(f, seconds)) for f in frames])
-        results["excerpts"][f"{seconds:g}s"] = {
-            "model": model_scores.as_dict(),
-            "chroma_2dftm": evaluate_similarity(chroma_q @ chroma.T, groups_arr, groups_arr, exclude_self=True).as_dict(),
-        }
+    methods = {"model": model_figures(embedder, frames, groups_arr, "model")}
+    if previous_model_dir is not None:
+        previous = Embedder(previous_model_dir, threads)
+        if previous.info.cqt_sha256 != embedder.info.cqt_sha256:
+            raise ValueError("the previous model has another CQT front end; compare models that share one")
+        methods[f"previous model {previous.info.model_hash}"] = model_figures(previous, frames, groups_arr, "previous")
+    methods["chroma_2dftm"] = chroma_figures(frames, groups_arr)
+    random_sim = np.random.default_rng(0).random((len(frames), len(frames)))
+    methods["random"] = {"whole_track": evaluate_similarity(random_sim, groups_arr, groups_arr, exclude_self=True).as_dict(), "excerpts": {}}
+    results = {"tracks": len(frames), "groups": len(set(groups)), "model_hash": embedder.info.model_hash, "methods": methods}
     write_report(report, results, manifest, split)
+    plot_excerpts(report.with_name(report.stem + "_excerpts.png"), results)
     return results
 
 
@@ -124,30 +133,48 @@ def _row(name: str, scores: dict) -> str:
     return f"| {name} | {scores['mAP']:.3f} | {scores['top1']:.3f} | {scores['HR10']:.3f} | {scores['MR1']:.2f} |"
 
 
+def _table(title: str, rows: dict[str, dict]) -> list[str]:
+    lines = ["", f"## {title}", "", "| method | mAP | top-1 | HR@10 | MR1 |", "|---|---|---|---|---|"]
+    return lines + [_row(name, scores) for name, scores in rows.items()]
+
+
 def write_report(path: Path, results: dict, manifest: Path, split: str) -> None:
+    methods = results["methods"]
     lines = [
         "# Held-out retrieval figures",
         "",
         f"Date: {datetime.date.today().isoformat()} · machine: {platform.machine()}, {platform.processor() or 'cpu'} · model {results['model_hash']}",
-        f"Command: `coverwatch evaluate --manifest {manifest} --split {split} --report {path}`",
+        f"Command: `coverwatch evaluate --manifest {manifest} --split {split} --report {path}` (+ `--previous-model DIR` for the comparison row)",
         f"Data: {results['tracks']} tracks in {results['groups']} cover groups of the `{split}` split (groups never seen in training).",
-        "",
-        "## Whole tracks (each track queries all others)",
-        "",
-        "| method | mAP | top-1 | HR@10 | MR1 |",
-        "|---|---|---|---|---|",
+        f"Plot: mAP against excerpt length, [{path.stem}_excerpts.png]({path.stem}_excerpts.png).",
     ]
-    for name, scores in results["whole_track"].items():
-        lines.append(_row(name, scores))
-    for label, block in results["excerpts"].items():
-        lines += [
-            "",
-            f"## {label} excerpts (middle of each track) against full references",
-            "",
-            "| method | mAP | top-1 | HR@10 | MR1 |",
-            "|---|---|---|---|---|",
-        ]
-        for name, scores in block.items():
-            lines.append(_row(name, scores))
+    lines += _table("Whole tracks (each track queries all others)", {name: m["whole_track"] for name, m in methods.items()})
+    for seconds in EXCERPT_SECONDS:
+        label = f"{seconds:g}s"
+        rows = {name: m["excerpts"][label] for name, m in methods.items() if label in m["excerpts"]}
+        lines += _table(f"{label} excerpts (middle of each track) against full references", rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def plot_excerpts(path: Path, results: dict) -> None:
+    """mAP against query length, one line per method (whole tracks at the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [*EXCERPT_SECONDS, max(EXCERPT_SECONDS) * 1.5]
+    for name, m in results["methods"].items():
+        if not m["excerpts"]:
+            ax.axhline(m["whole_track"]["mAP"], linestyle=":", color="grey", label=name)
+            continue
+        ys = [m["excerpts"][f"{s:g}s"]["mAP"] for s in EXCERPT_SECONDS] + [m["whole_track"]["mAP"]]
+        ax.plot(xs, ys, "o-", label=name)
+    ax.set_xticks(xs, [f"{s:g}" for s in EXCERPT_SECONDS] + ["whole"])
+    ax.set(xlabel="query length (s)", ylabel="mAP", ylim=(0, 1), title=f"held-out mAP, {results['tracks']} tracks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -148,7 +148,8 @@ def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
 def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from model.evaluate import evaluate_heldout
 
-    report = evaluate_heldout(Path(args.manifest), resolve_model_dir(cfg.model.path), Path(args.report), cfg.model.threads, args.split)
+    previous = Path(args.previous_model) if args.previous_model else None
+    report = evaluate_heldout(Path(args.manifest), resolve_model_dir(cfg.model.path), Path(args.report), cfg.model.threads, args.split, previous)
     print(json.dumps(report))
     return ExitCode.OK
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--model")
     evaluate.add_argument("--report", default="bench/MODEL_RESULTS.md")
+    evaluate.add_argument("--previous-model", default=None, help="also evaluate this model folder, for comparison")
     evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="generate the demo catalog and stream, then monitor it")
