@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterable
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamer.config import KafkaConfig
-from streamer.kafka_sink import producer_settings
+from streamer.kafka_sink import producer_settings, wait_acknowledged
 
 log = logging.getLogger(__name__)
 
 READ_IDLE_S = 1.0  # a partition of the checkpoint topic is read to its end when polls come back empty this long
 READ_LIMIT_S = 30.0
+CONNECT_GRACE_S = 1.0
 
 
 def checkpoint_key(group: str, tp: TopicPartition) -> bytes:
@@ -35,7 +36,7 @@ class CheckpointTopic:
         self.cfg = cfg
         self._producer: KafkaProducer | None = None
 
-    def save(self, checkpoints: dict[TopicPartition, dict]) -> None:
+    def save(self, checkpoints: dict[TopicPartition, dict], keepalive: Callable[[], None] = lambda: None) -> None:
         """Write every checkpoint and wait for acks=all (raises KafkaError on failure)."""
         if self._producer is None:
             self._producer = KafkaProducer(**producer_settings(self.cfg, "checkpoints"))
@@ -43,8 +44,7 @@ class CheckpointTopic:
             self._producer.send(self.cfg.checkpoint_topic, key=checkpoint_key(self.cfg.group_id, tp), value=json.dumps(state).encode())
             for tp, state in checkpoints.items()
         ]
-        for future in futures:
-            future.get(timeout=3 * self.cfg.send_timeout_s + 1)
+        wait_acknowledged(futures, self.cfg.send_timeout_s, keepalive)
 
     def load(self, partitions: Iterable[TopicPartition], keepalive: Callable[[], None] = lambda: None) -> dict[TopicPartition, dict]:
         """The newest checkpoint of each partition that has one; `keepalive` runs between polls."""
@@ -63,7 +63,8 @@ class CheckpointTopic:
                 return found
             consumer.assign(topic_partitions)
             consumer.seek_to_beginning(*topic_partitions)
-            started = idle_since = time.monotonic()
+            started = time.monotonic()
+            idle_since = started + CONNECT_GRACE_S  # the first fetch needs a connection first
             # End offsets cannot be trusted on every broker (Tansu miscounts batches), so read
             # until the topic stays quiet for READ_IDLE_S.
             while time.monotonic() - idle_since < READ_IDLE_S and time.monotonic() - started < READ_LIMIT_S:
@@ -74,8 +75,15 @@ class CheckpointTopic:
                 for records in batch.values():
                     for record in records:
                         tp = wanted.get(record.key)
-                        if tp is not None:
+                        if tp is None:
+                            continue
+                        if record.value is None:  # a tombstone deletes the checkpoint
+                            found.pop(tp, None)
+                            continue
+                        try:
                             found[tp] = json.loads(record.value)
+                        except ValueError:
+                            log.warning("unreadable checkpoint for %s[%d] ignored", tp.topic, tp.partition)
         finally:
             consumer.close()
         log.info("checkpoints read for %d of %d partition(s)", len(found), len(wanted))

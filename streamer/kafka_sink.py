@@ -10,12 +10,13 @@ nothing is committed, so the chunks are re-read after the restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from streamer.config import KafkaConfig
 from streamer.events import MatchEvent
@@ -25,6 +26,7 @@ from streamer.wire import MAX_VALUE_BYTES
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 0.25
+WAIT_STEP_S = 1.0  # longest wait without a watchdog ping
 LINGER_MS = 5
 REQUEST_OVERHEAD_BYTES = 64 * 1024  # record and request framing around the largest chunk
 
@@ -54,6 +56,23 @@ def producer_settings(cfg: KafkaConfig, role: str) -> dict:
         "reconnect_backoff_max_ms": max(50, int(cfg.retry_backoff_max_s * 1000)),
         "max_request_size": MAX_VALUE_BYTES + REQUEST_OVERHEAD_BYTES,
     }
+
+
+def wait_acknowledged(futures: list, send_timeout_s: float, keepalive: Callable[[], None], should_abort: Callable[[], bool] = lambda: False) -> None:
+    """Wait for produce futures in steps of at most WAIT_STEP_S, calling `keepalive` between
+    steps (the systemd watchdog must not starve on a slow broker). Raises the first send
+    error, KafkaTimeoutError past the producer's delivery timeout, DeliveryAborted on abort."""
+    deadline = time.monotonic() + 3 * send_timeout_s + 1  # the delivery timeout of producer_settings
+    for future in futures:
+        while not future.is_done:
+            keepalive()
+            if should_abort():
+                raise DeliveryAborted("delivery abandoned: shutdown deadline")
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"no acknowledgement within {3 * send_timeout_s + 1:.0f} s")
+            with contextlib.suppress(KafkaTimeoutError):
+                future.get(timeout=WAIT_STEP_S)
+        future.get(timeout=0)  # raises the send error, if any
 
 
 class KafkaEventSink:
@@ -91,12 +110,11 @@ class KafkaEventSink:
             (event, producer.send(self.cfg.events_topic, key=event.stream.encode(), value=event.to_json().encode(), headers=[("event_id", event.event_id.encode())]))
             for event in self.pending
         ]
-        producer.flush(timeout=3 * self.cfg.send_timeout_s + 1)  # the delivery timeout (producer_settings)
         failed, first_error = [], None
         for event, future in futures:
             try:
-                future.get(timeout=0)
-            except Exception as exc:  # KafkaError or a not-yet-completed future after the timeout
+                wait_acknowledged([future], self.cfg.send_timeout_s, self.keepalive, self.should_abort)
+            except KafkaError as exc:
                 failed.append(event)
                 first_error = first_error or exc
         self.pending = failed

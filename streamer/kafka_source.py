@@ -17,6 +17,7 @@ keeps its start (and its end event's id).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -31,7 +32,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamer.checkpoints import CheckpointTopic
 from streamer.config import KafkaConfig
-from streamer.kafka_sink import producer_settings
+from streamer.kafka_sink import producer_settings, wait_acknowledged
 from streamer.metrics import Metrics
 from streamer.pipeline import ChunkError
 from streamer.wire import AudioChunk, MalformedChunk, decode_chunk
@@ -39,6 +40,7 @@ from streamer.wire import AudioChunk, MalformedChunk, decode_chunk
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_MS = 500
+COMMIT_TIMEOUT_MS = 5000  # a commit stuck longer is retried with the next batch
 
 
 class ChunkProcessor(Protocol):
@@ -64,6 +66,7 @@ class StreamTrack:
     epoch: int = 0  # bumped when the stream restarts (gap); older chunks are no longer needed
     last_seen: float = field(default_factory=time.monotonic)
     clock_end_s: float = 0.0  # capture clock at the end of the newest chunk
+    live: bool = False  # has emitted (not only replayed): its state is this instance's to end
 
 
 @dataclass(frozen=True)
@@ -98,22 +101,30 @@ class PartitionLog:
         return self.records[0].offset if self.records else self.next_offset
 
 
+@dataclass
+class Replay:
+    """What a partition's checkpoint says: re-read up to `delivered` silently, then restore `open`."""
+
+    delivered: int
+    open: dict[str, tuple[str, float] | None]
+
+
 class KafkaSource:
     def __init__(self, cfg: KafkaConfig, horizon_s: float, metrics: Metrics | None = None) -> None:
         self.cfg, self.horizon_s, self.metrics = cfg, horizon_s, metrics
         self.running = False
         self.tracks: dict[str, StreamTrack] = {}
         self.logs: dict[TopicPartition, PartitionLog] = {}
-        self.delivered_until: dict[TopicPartition, int] = {}  # from commit metadata: replay silently up to here
-        self.restores: dict[str, tuple[str | None, float]] = {}  # stream -> open match at the checkpoint
+        self.delivered_until: dict[TopicPartition, int] = {}  # last offset whose events were delivered
+        self.replays: dict[TopicPartition, Replay] = {}  # partitions still replaying their checkpoint
         self.checkpoint_store = CheckpointTopic(cfg)
         self.counts: dict[str, int] = {}
+        self.owned: set[TopicPartition] = set()
         self._consumer: KafkaConsumer | None = None
         self._dead_letters: KafkaProducer | None = None
         self._processor: ChunkProcessor | None = None
         self._unread_checkpoints: set[TopicPartition] = set()
         self._rebalances: queue.SimpleQueue = queue.SimpleQueue()
-        self.owned: set[TopicPartition] = set()
         self._revoked_pending: set[TopicPartition] = set()
 
     # -- plumbing -----------------------------------------------------------------------
@@ -138,6 +149,12 @@ class KafkaSource:
             request_timeout_ms=max(30000, self.cfg.session_timeout_ms + 5000),
         )
 
+    def _touch_streams(self) -> None:
+        """After a stall of our own (broker outage, blocked delivery) no stream counts as idle."""
+        now = time.monotonic()
+        for track in self.tracks.values():
+            track.last_seen = now
+
     # -- the loop -----------------------------------------------------------------------
     def run(self, processor: ChunkProcessor) -> None:
         self._processor = processor
@@ -152,18 +169,19 @@ class KafkaSource:
                 except KafkaError as exc:
                     self._error("poll", exc)
                     processor.tick()
+                    self._touch_streams()
                     time.sleep(0.5)
                     continue
                 self._apply_rebalances()
-                for tp, records in batch.items():
-                    if tp not in self.owned:  # fetched before a revocation: its next owner reads it
-                        continue
-                    for record in records:
-                        self._handle(tp, record)
-                if batch:
-                    self._deliver_and_commit([tp for tp in batch if tp in self.owned])
-                if self._drop_idle_streams():
-                    self._processor.deliver()  # their match_end events; nothing to commit
+                handled = self._handle_batch(batch)
+                if handled:
+                    started = time.monotonic()
+                    self._deliver_and_commit(handled)
+                    if time.monotonic() - started > 1.0:
+                        self._touch_streams()
+                dropped = self._drop_idle_streams()
+                if dropped:  # their match_end events, and checkpoints that no longer list them
+                    self._deliver_and_commit(dropped)
                 self._update_lag()
                 processor.tick()
         finally:
@@ -172,39 +190,55 @@ class KafkaSource:
     def stop(self) -> None:
         self.running = False
 
+    def _handle_batch(self, batch: dict) -> list[TopicPartition]:
+        """Handle records of owned partitions until the batch ends or a drain begins."""
+        handled = []
+        for tp, records in batch.items():
+            if tp not in self.owned:  # fetched before a revocation: its next owner reads it
+                continue
+            handled.append(tp)
+            for record in records:
+                if not self.running:  # draining: finish the chunk in hand, not the batch
+                    return handled
+                self._handle(tp, record)
+        return handled
+
     def _handle(self, tp: TopicPartition, record) -> None:
         started = time.perf_counter()
         log_ = self.logs.setdefault(tp, PartitionLog())
+        emit = record.offset > self.delivered_until.get(tp, -1)
+        if emit and tp in self.replays:  # the replay is over: back to the checkpointed matches
+            self._finish_replay(tp)
         try:
             chunk = decode_chunk(record.key, record.value, record.headers, self.cfg.max_chunk_s)
         except MalformedChunk as exc:
-            self._dead_letter(tp, record, exc)
+            if emit:  # a replayed dead letter was already sent
+                self._dead_letter(tp, record, exc)
             log_.add(None, record.offset)
             return
         if self.metrics:
             self.metrics.observe_stage("decode", time.perf_counter() - started)
-        track = self._sequence(tp, chunk)
+        track = self._sequence(tp, chunk, emit)
         if track is None:  # a repeat of a chunk already processed
             log_.add(None, record.offset)
             return
-        emit = record.offset > self.delivered_until.get(tp, -1)
-        if emit and chunk.stream_id in self.restores:  # replay done: back to the checkpointed match state
-            self._processor.restore_match(chunk.stream_id, *self.restores.pop(chunk.stream_id))
         try:
             self._processor.process(chunk, emit)
             outcome = "processed" if emit else "replayed"
+            track.live = track.live or emit
         except ChunkError as exc:
             outcome = "bad_chunk"
             log.warning("skipped chunk %s/%d: %s", chunk.stream_id, chunk.seq, exc)
-        if self.metrics:
-            self.metrics.chunks.labels(outcome).inc()
-            self.metrics.chunk_latency.observe(time.perf_counter() - started)
-            self.metrics.capture_latency.observe(max(0.0, time.time() - (chunk.capture_ts_ms / 1000 + chunk.duration_s)))
         clock_start = chunk.capture_ts_ms / 1000
         track.clock_end_s = clock_start + chunk.duration_s
         log_.add(Processed(record.offset, chunk.stream_id, track.epoch, clock_start), record.offset)
+        if self.metrics:
+            self.metrics.chunks.labels(outcome).inc()
+            if emit:
+                self.metrics.chunk_latency.observe(time.perf_counter() - started)
+                self.metrics.capture_latency.observe(max(0.0, time.time() - track.clock_end_s))
 
-    def _sequence(self, tp: TopicPartition, chunk: AudioChunk) -> StreamTrack | None:
+    def _sequence(self, tp: TopicPartition, chunk: AudioChunk, emit: bool) -> StreamTrack | None:
         """Update the stream's sequence bookkeeping; None when the chunk must be skipped."""
         track = self.tracks.get(chunk.stream_id)
         if track is None:
@@ -212,19 +246,23 @@ class KafkaSource:
             log.info("stream %s appeared on %s[%d] at seq %d", chunk.stream_id, tp.topic, tp.partition, chunk.seq)
             return track
         track.last_seen = time.monotonic()
-        if chunk.seq <= track.last_seq:
+        restarted = chunk.seq <= track.last_seq and chunk.capture_ts_ms / 1000 >= track.clock_end_s + self.cfg.max_chunk_s
+        if chunk.seq <= track.last_seq and not restarted:
             self._count("duplicates")
             if self.metrics:
                 self.metrics.chunks.labels("duplicate").inc()
             log.warning("stream %s: chunk %d repeated or out of order (newest %d): skipped", chunk.stream_id, chunk.seq, track.last_seq)
             return None
-        if chunk.seq > track.last_seq + 1:
-            missing = chunk.seq - track.last_seq - 1
-            self._count("gaps", missing)
-            if self.metrics:
-                self.metrics.sequence_gaps.inc(missing)
-            log.warning("stream %s: %d chunk(s) missing before %d: restarting its window", chunk.stream_id, missing, chunk.seq)
-            self._processor.end_stream(chunk.stream_id, emit=True)
+        if restarted or chunk.seq > track.last_seq + 1:
+            if restarted:
+                log.warning("stream %s: seq went back to %d with newer audio: the publisher restarted", chunk.stream_id, chunk.seq)
+            else:
+                missing = chunk.seq - track.last_seq - 1
+                self._count("gaps", missing)
+                if self.metrics:
+                    self.metrics.sequence_gaps.inc(missing)
+                log.warning("stream %s: %d chunk(s) missing before %d: restarting its window", chunk.stream_id, missing, chunk.seq)
+            self._processor.end_stream(chunk.stream_id, emit=emit)
             track.epoch += 1
         track.last_seq = chunk.seq
         return track
@@ -246,12 +284,14 @@ class KafkaSource:
             try:
                 if self._dead_letters is None:
                     self._dead_letters = KafkaProducer(**producer_settings(self.cfg, "dead-letters"))
-                self._dead_letters.send(self.cfg.dead_letter_topic, key=record.key, value=record.value or b"", headers=headers).get(
-                    timeout=self.cfg.send_timeout_s
-                )
+                future = self._dead_letters.send(self.cfg.dead_letter_topic, key=record.key, value=record.value or b"", headers=headers)
+                wait_acknowledged([future], self.cfg.send_timeout_s, self._processor.tick)
                 return
             except KafkaError as exc2:
                 self._error("produce_dead_letter", exc2)
+                if not getattr(exc2, "retriable", True):  # too large for the topic, not authorised: give up on it
+                    log.error("dead letter %s[%d]@%d dropped: %s", tp.topic, tp.partition, record.offset, exc2)
+                    return
                 self._processor.tick()
                 if not self.running:
                     raise
@@ -265,42 +305,59 @@ class KafkaSource:
         offsets, checkpoints = {}, {}
         for tp in partitions:
             log_ = self.logs.get(tp)
-            if log_ is None or log_.next_offset is None:
+            if log_ is None or log_.next_offset is None or tp not in self.owned:
                 continue
             offset = log_.commit_offset(self.tracks, self.horizon_s)
             delivered = max(self.delivered_until.get(tp, -1), log_.next_offset - 1)
             self.delivered_until[tp] = delivered
             offsets[tp] = OffsetAndMetadata(offset, "", -1)
-            checkpoints[tp] = self._checkpoint(tp, offset, delivered)
+            checkpoints[tp] = {"committed": offset, "delivered": delivered, "open": self._open_matches(tp)}
         if not offsets:
             return True
+        try:  # the checkpoint first: it may run ahead of the commit, never behind
+            self.checkpoint_store.save(checkpoints, keepalive=self._processor.tick)
+        except KafkaError as exc:
+            self._error("checkpoint", exc)
+            return False
         try:
-            self.checkpoint_store.save(checkpoints)  # first: a checkpoint may run ahead of the commit, never behind
-            self._consumer.commit(offsets)
+            self._consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:  # e.g. a rebalance took the partition: its new owner re-reads
             self._error("commit", exc)
             return False
         return True
 
-    def _checkpoint(self, tp: TopicPartition, offset: int, delivered: int) -> dict:
-        """The last delivered offset and each stream's open match (song, start) on one partition."""
-        open_matches = {sid: self._processor.open_match(sid) for sid, track in self.tracks.items() if track.partition == tp}
-        return {"committed": offset, "delivered": delivered, "open": open_matches}
+    def _open_matches(self, tp: TopicPartition) -> dict[str, tuple[str, float] | None]:
+        """Each stream's open match on one partition; while the partition is still replaying,
+        the checkpoint it replays is passed on unchanged (the rebuilt state is not final yet)."""
+        replay = self.replays.get(tp)
+        open_matches = dict(replay.open) if replay else {}
+        for stream_id, track in self.tracks.items():
+            if track.partition == tp and track.live:
+                open_matches[stream_id] = self._processor.open_match(stream_id)
+        return open_matches
 
-    def _drop_idle_streams(self) -> int:
-        """Close streams without a chunk for `stream_idle_s` (their open matches end); how many."""
+    def _drop_idle_streams(self) -> list[TopicPartition]:
+        """Close streams without a chunk for `stream_idle_s`; the partitions they were on.
+
+        A stream this instance only replayed was not its to end: it is dropped silently."""
         now = time.monotonic()
         idle = [sid for sid, track in self.tracks.items() if now - track.last_seen > self.cfg.stream_idle_s]
+        partitions = []
         for stream_id in idle:
-            log.info("stream %s idle for %.0f s: closed", stream_id, now - self.tracks[stream_id].last_seen)
-            del self.tracks[stream_id]
-            self._processor.end_stream(stream_id, emit=True)
-        return len(idle)
+            track = self.tracks.pop(stream_id)
+            replay = self.replays.get(track.partition)
+            if replay is not None and stream_id in replay.open:  # idle before its replay finished
+                self._processor.restore_match(stream_id, *(replay.open.pop(stream_id) or (None, 0.0)))
+                track.live = True
+            log.info("stream %s idle for %.0f s: closed", stream_id, now - track.last_seen)
+            self._processor.end_stream(stream_id, emit=track.live)
+            partitions.append(track.partition)
+        return sorted(set(partitions))
 
     def _update_lag(self) -> None:
         if not self.metrics:
             return
-        for tp in self._consumer.assignment():
+        for tp in self.owned:
             highwater = self._consumer.highwater(tp)
             log_ = self.logs.get(tp)
             if highwater is not None and log_ is not None and log_.next_offset is not None:
@@ -315,9 +372,11 @@ class KafkaSource:
             kind, partitions = self._rebalances.get_nowait()
             if kind == "revoked":
                 self._on_revoked(partitions)
+            elif kind == "lost":
+                self._on_lost(partitions)
             else:
                 self._on_assigned(partitions)
-        if self._unread_checkpoints:
+        while self._unread_checkpoints and self.running:
             self._read_checkpoints()
 
     def _on_revoked(self, partitions: list[TopicPartition]) -> None:
@@ -326,6 +385,14 @@ class KafkaSource:
         log.info("partitions revoked: %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
         self.owned.difference_update(partitions)
         self._revoked_pending.update(partitions)
+
+    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+        """Membership was lost: another member may have moved on, so nothing here is kept."""
+        log.warning("partitions lost: %s", [f"{tp.topic}[{tp.partition}]" for tp in partitions])
+        for tp in partitions:
+            self.owned.discard(tp)
+            self._revoked_pending.discard(tp)
+            self._forget(tp)
 
     def _on_assigned(self, partitions: list[TopicPartition]) -> None:
         """Own the partitions; drop what went to others; read checkpoints of the new ones."""
@@ -342,27 +409,41 @@ class KafkaSource:
         self._unread_checkpoints.discard(tp)
         self.logs.pop(tp, None)
         self.delivered_until.pop(tp, None)
+        self.replays.pop(tp, None)
+        if self.metrics:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         for stream_id in [s for s, t in self.tracks.items() if t.partition == tp]:
             del self.tracks[stream_id]
-            self.restores.pop(stream_id, None)
             self._processor.end_stream(stream_id, emit=False)
 
     def _read_checkpoints(self) -> None:
         """New partitions' checkpoints: offsets up to 'delivered' are replayed silently, then the
-        streams' open matches are restored."""
-        partitions, self._unread_checkpoints = self._unread_checkpoints, set()
+        streams' open matches are restored. Retried until read: without it the replay would
+        emit again under other ids."""
+        partitions = set(self._unread_checkpoints)
         try:
             found = self.checkpoint_store.load(partitions, keepalive=self._processor.tick)
-        except KafkaError as exc:  # without a checkpoint the replay emits again: duplicates, never loss
+        except KafkaError as exc:
             self._error("read_checkpoints", exc)
+            time.sleep(1.0)
             return
+        self._unread_checkpoints -= partitions
         for tp, checkpoint in found.items():
             try:
+                opened = {sid: (m[0], float(m[1])) if m else None for sid, m in checkpoint.get("open", {}).items()}
                 self.delivered_until[tp] = int(checkpoint["delivered"])
-                for stream_id, match in checkpoint.get("open", {}).items():
-                    self.restores[stream_id] = (match[0], float(match[1])) if match else (None, 0.0)
+                self.replays[tp] = Replay(int(checkpoint["delivered"]), opened)
             except (ValueError, KeyError, TypeError, IndexError):
                 log.warning("%s[%d]: unreadable checkpoint %r", tp.topic, tp.partition, str(checkpoint)[:80])
+
+    def _finish_replay(self, tp: TopicPartition) -> None:
+        """The partition reached its checkpoint: restore every stream's match as it was then."""
+        replay = self.replays.pop(tp)
+        for stream_id, match in replay.open.items():
+            self._processor.restore_match(stream_id, *(match or (None, 0.0)))
+            if stream_id in self.tracks:
+                self.tracks[stream_id].live = True
 
     def _close(self) -> None:
         for closable in (self._consumer, self._dead_letters, self.checkpoint_store):
@@ -386,3 +467,7 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned) -> None:
         if assigned:
             self.changes.put(("assigned", list(assigned)))
+
+    def on_partitions_lost(self, lost) -> None:
+        if lost:
+            self.changes.put(("lost", list(lost)))

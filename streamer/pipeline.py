@@ -115,8 +115,10 @@ class Monitor:
         log.info("decision thresholds start=%.3f end=%.3f (%s)", self.thresholds.start, self.thresholds.end, self.thresholds.source)
 
     def replay_horizon_s(self) -> float:
-        """Audio that rebuilds a stream's decisions exactly: longest window + score history + a hop."""
-        return max(self.stream_cfg.windows_s) + (self.decision_cfg.history_hops + 1) * self.stream_cfg.hop_s
+        """Audio that rebuilds a stream's decisions exactly: the longest window, then enough
+        hops for the score history and the hysteresis counters, plus a hop of slack."""
+        d = self.decision_cfg
+        return max(self.stream_cfg.windows_s) + (max(d.history_hops, d.start_hops, d.end_hops) + 1) * self.stream_cfg.hop_s
 
     def replace_index(self, index: IndexStore) -> None:
         """Swap in a reloaded index between chunks; open matches follow their song ids."""

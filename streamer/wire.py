@@ -26,6 +26,7 @@ MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 MAX_CHANNELS = 8
 MAX_VALUE_BYTES = 8 * 1024 * 1024  # hard cap whatever max_chunk_s says
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
+MAX_CAPTURE_TS_MS = 10**13  # the year 2286: anything later is a unit mistake
 REQUIRED_HEADERS = ("encoding", "sample_rate", "channels", "seq", "capture_ts")
 
 # Every reason a chunk can be refused; bounded, so it can label a metric.
@@ -128,6 +129,8 @@ def decode_chunk(key: bytes | None, value: bytes | None, headers: Headers | None
     seq, capture_ts = _int_header(table, "seq"), _int_header(table, "capture_ts")
     if seq < 0:
         raise MalformedChunk("bad_header", f"stream {stream_id}: negative seq {seq}")
+    if not 0 <= capture_ts <= MAX_CAPTURE_TS_MS:
+        raise MalformedChunk("bad_header", f"stream {stream_id}: capture_ts {capture_ts} is not a time in ms since 1970")
     dtype = ENCODINGS[encoding]
     value = value or b""
     frame_bytes = dtype.itemsize * channels
