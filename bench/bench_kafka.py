@@ -32,10 +32,11 @@ import soundfile
 import soxr
 from report import write_section  # bench/report.py, beside this script
 
-from streamer.config import Config
-from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index
-from tests.broker import TansuBroker, free_port
-from tests.daemon import Daemon, send_stream, wait_for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the tests' broker and daemon helpers
+from streamer.config import Config  # noqa: E402
+from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index  # noqa: E402
+from tests.broker import TansuBroker, free_port  # noqa: E402
+from tests.daemon import Daemon, send_stream, wait_for  # noqa: E402
 
 SECTION = "## Kafka path (bench/bench_kafka.py)"
 RATE = 44100
@@ -76,7 +77,7 @@ def throughput(broker: TansuBroker, tmp: Path, model_index: tuple[Path, Path], s
     config = write_config(tmp / "throughput.toml", broker.bootstrap, topic, f"g-{uuid.uuid4().hex[:6]}", timeout_ms)
     daemon = Daemon(tmp, "throughput", config, *model_index)
     started = time.perf_counter()
-    with daemon.start():
+    with daemon:
         wait_for(lambda: daemon.chunks() >= chunks, 1800, "throughput run did not finish", daemon)
         wall = time.perf_counter() - started
         metrics = daemon.metrics()

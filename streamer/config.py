@@ -118,7 +118,7 @@ class IndexBuildConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _f(4500, 1)
+    steps: int = _f(7000, 1)
     groups_per_batch: int = _f(8, 2)
     versions_per_group: int = _f(4, 2)
     crop_min_s: float = _f(5.0, 3.0)
@@ -137,7 +137,7 @@ class TrainConfig:
     tempo_max: float = _f(1.25, 1.0, 4.0)
     freq_mask_bins: int = _f(8, 0, 84)  # SpecAugment
     time_mask_fraction: float = _f(0.1, 0.0, 0.5)
-    eval_every: int = _f(500, 1)
+    eval_every: int = _f(1000, 1)
     checkpoint_every: int = _f(100, 1)
     seed: int = _f(0)
     d_model: int = _f(192, 16)

@@ -101,9 +101,14 @@ def setup(kafka_broker, make_topic, tmp_path, shipped_model_index):
             tmp_path / f"{name}.toml", kafka_broker.bootstrap, topic or audio_topic, events or f"{audio_topic}.events",
             group or f"g-{uuid.uuid4().hex[:8]}", free_port(), decision, kafka_extra,
         )  # fmt: skip
-        return Daemon(tmp_path, name, config, model_dir, index or index_dir, env)
+        daemon = Daemon(tmp_path, name, config, model_dir, index or index_dir, env)
+        started.append(daemon)
+        return daemon
 
-    return make_daemon, audio_topic
+    started: list[Daemon] = []
+    yield make_daemon, audio_topic
+    for daemon in started:  # a failed test must not leave daemons behind
+        daemon.__exit__()
 
 
 def test_publish_serve_events_and_metrics(kafka_broker, setup):
