@@ -28,7 +28,7 @@ from streamer.audio import SAMPLE_RATE
 from streamer.checkpoints import CheckpointTopic
 from streamer.config import KafkaConfig
 from streamer.embedder import Embedder
-from tests.broker import read_messages
+from tests.broker import MotoS3, TansuBroker, read_messages, unique_topic
 from tests.conftest import coverwatch, tune
 from tests.daemon import Daemon, free_port, send_stream, wait_for, write_config
 
@@ -347,3 +347,25 @@ def test_systemd_protocol_sighup_reload_and_sigterm_drain(kafka_broker, setup, s
         assert daemon.stop(timeout=30) == 0
         assert received("STOPPING=1")
     assert "draining" in daemon.stderr_path.read_text()
+
+
+@pytest.mark.skipif(not MotoS3.available(), reason="moto is not installed: this Tansu build persists only to S3")
+def test_broker_restart_daemon_reconnects_and_loses_nothing(shipped_model_index, tmp_path):
+    """A broker with persistent (S3) storage is stopped and started again mid-stream: the
+    daemon keeps running, reconnects, and every chunk and event gets through."""
+    model_dir, index_dir, decision = shipped_model_index
+    audio = song_then_silence(2, 25.0, 12.0)
+    split, step = n_chunks(audio) // 2, int(CHUNK_S * SAMPLE_RATE)
+    with MotoS3() as s3, TansuBroker(storage_engine=s3.storage_engine, env=s3.env) as broker:
+        topic = broker.create_topic(unique_topic("restart"), 1)
+        config = write_config(tmp_path / "d.toml", broker.bootstrap, topic, f"{topic}.events", f"g-{uuid.uuid4().hex[:8]}", free_port(), decision)
+        with Daemon(tmp_path, "d", config, model_dir, index_dir) as daemon:
+            send_stream(broker.bootstrap, topic, "s", audio[: split * step], SAMPLE_RATE, CHUNK_S)
+            wait_for(lambda: daemon.chunks() >= split, 60, "part 1 not processed", daemon)
+            broker.restart()
+            assert daemon.proc.poll() is None, daemon.logs()
+            send_stream(broker.bootstrap, topic, "s", audio[split * step :], SAMPLE_RATE, CHUNK_S, first_seq=split)
+            wait_for(lambda: daemon.chunks() >= n_chunks(audio), 120, "part 2 not processed after the restart", daemon)
+            events = wait_for(lambda: len(e := unique_events(broker.bootstrap, f"{topic}.events")) >= 2 and e, 30, "events lost", daemon)
+            assert daemon.stop() == 0
+    assert [(e["event"], e["song_id"]) for e in events] == [("match_start", "song2"), ("match_end", "song2")]
