@@ -109,7 +109,7 @@ def takeover(broker: TansuBroker, tmp: Path, model_index: tuple[Path, Path], str
         return time.perf_counter() - stopped
     finally:
         for d in (a, b):
-            d.__exit__()
+            d.close()
 
 
 def main() -> None:

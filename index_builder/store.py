@@ -51,6 +51,10 @@ class IndexStore:
     settings: dict  # build settings (segment length, index type, ...)
     calibration: dict  # impostor statistics and thresholds
 
+    def song_rows(self) -> dict[str, int]:
+        """song_id -> row in `songs`."""
+        return {song.song_id: row for row, song in enumerate(self.songs)}
+
     @property
     def n_vectors(self) -> int:
         return int(self.faiss_index.ntotal)

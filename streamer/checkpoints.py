@@ -51,7 +51,7 @@ class CheckpointTopic:
         wanted = {checkpoint_key(self.cfg.group_id, tp): tp for tp in partitions}
         found: dict[TopicPartition, dict] = {}
         consumer = KafkaConsumer(
-            bootstrap_servers=[s.strip() for s in self.cfg.bootstrap_servers.split(",") if s.strip()],
+            bootstrap_servers=self.cfg.brokers,
             client_id=f"{self.cfg.client_id}-checkpoints",
             group_id=None,
             enable_auto_commit=False,

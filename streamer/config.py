@@ -94,6 +94,11 @@ class KafkaConfig:
     send_timeout_s: float = _f(10.0, 0.1, 600.0)  # wait for the broker's acks=all before retrying
     retry_backoff_max_s: float = _f(30.0, 0.1, 3600.0)  # longest pause between delivery retries
 
+    @property
+    def brokers(self) -> list[str]:
+        """`bootstrap_servers` as the list kafka-python takes."""
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
 
 @dataclass(frozen=True)
 class MetricsConfig:

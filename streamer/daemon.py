@@ -96,11 +96,17 @@ class Server:
             self.sinks.add(event)
         self.metrics.count_events(e.event for e in events)
 
+    def _monitor_chunk(self, stream_id: str, samples, sample_rate: int, clock_s: float | None = None) -> list[MatchEvent]:
+        """Feed the monitor and count the audio; raises ChunkError for a chunk that must be skipped."""
+        events = self.monitor.process_chunk(stream_id, samples, sample_rate, clock_s)
+        seconds = len(samples) / sample_rate
+        self.audio_s += seconds
+        self.metrics.audio_seconds.inc(seconds)
+        return events
+
     def process(self, chunk: AudioChunk, emit: bool) -> None:
         """One Kafka chunk; raises ChunkError for a chunk that must be skipped."""
-        events = self.monitor.process_chunk(chunk.stream_id, chunk.samples, chunk.sample_rate, chunk.capture_ts_ms / 1000)
-        self.audio_s += chunk.duration_s
-        self.metrics.audio_seconds.inc(chunk.duration_s)
+        events = self._monitor_chunk(chunk.stream_id, chunk.samples, chunk.sample_rate, chunk.capture_ts_ms / 1000)
         if emit:
             self._emit(events)
 
@@ -135,15 +141,12 @@ class Server:
         """One block from a file or microphone source."""
         started = time.perf_counter()
         try:
-            events = self.monitor.process_chunk(stream_id, samples, sample_rate)
+            events = self._monitor_chunk(stream_id, samples, sample_rate)
         except ChunkError as exc:
             self.monitor.counts["bad_chunks"] += 1
             self.metrics.chunks.labels("bad_chunk").inc()
             log.warning("skipped chunk: %s", exc)
             return
-        seconds = len(samples) / sample_rate
-        self.audio_s += seconds
-        self.metrics.audio_seconds.inc(seconds)
         self.metrics.chunks.labels("processed").inc()
         self._emit(events)
         if events:

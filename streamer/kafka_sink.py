@@ -39,7 +39,7 @@ def producer_settings(cfg: KafkaConfig, role: str) -> dict:
     """Settings for every producer (events, dead letters, publish): acks=all, ordered, bounded in time."""
     timeout_ms = max(100, int(cfg.send_timeout_s * 1000))
     return {
-        "bootstrap_servers": [s.strip() for s in cfg.bootstrap_servers.split(",") if s.strip()],
+        "bootstrap_servers": cfg.brokers,
         "client_id": f"{cfg.client_id}-{role}",
         "acks": "all",
         "linger_ms": LINGER_MS,

@@ -118,7 +118,6 @@ class KafkaSource:
         self.delivered_until: dict[TopicPartition, int] = {}  # last offset whose events were delivered
         self.replays: dict[TopicPartition, Replay] = {}  # partitions still replaying their checkpoint
         self.checkpoint_store = CheckpointTopic(cfg)
-        self.counts: dict[str, int] = {}
         self.owned: set[TopicPartition] = set()
         self._consumer: KafkaConsumer | None = None
         self._dead_letters: KafkaProducer | None = None
@@ -128,9 +127,6 @@ class KafkaSource:
         self._revoked_pending: set[TopicPartition] = set()
 
     # -- plumbing -----------------------------------------------------------------------
-    def _count(self, what: str, n: int = 1) -> None:
-        self.counts[what] = self.counts.get(what, 0) + n
-
     def _error(self, operation: str, exc: BaseException) -> None:
         if self.metrics:
             self.metrics.kafka_errors.labels(operation).inc()
@@ -138,7 +134,7 @@ class KafkaSource:
 
     def _make_consumer(self) -> KafkaConsumer:
         return KafkaConsumer(
-            bootstrap_servers=[s.strip() for s in self.cfg.bootstrap_servers.split(",") if s.strip()],
+            bootstrap_servers=self.cfg.brokers,
             group_id=self.cfg.group_id,
             client_id=self.cfg.client_id,
             enable_auto_commit=False,
@@ -248,7 +244,6 @@ class KafkaSource:
         track.last_seen = time.monotonic()
         restarted = chunk.seq <= track.last_seq and chunk.capture_ts_ms / 1000 >= track.clock_end_s + self.cfg.max_chunk_s
         if chunk.seq <= track.last_seq and not restarted:
-            self._count("duplicates")
             if self.metrics:
                 self.metrics.chunks.labels("duplicate").inc()
             log.warning("stream %s: chunk %d repeated or out of order (newest %d): skipped", chunk.stream_id, chunk.seq, track.last_seq)
@@ -258,7 +253,6 @@ class KafkaSource:
                 log.warning("stream %s: seq went back to %d with newer audio: the publisher restarted", chunk.stream_id, chunk.seq)
             else:
                 missing = chunk.seq - track.last_seq - 1
-                self._count("gaps", missing)
                 if self.metrics:
                     self.metrics.sequence_gaps.inc(missing)
                 log.warning("stream %s: %d chunk(s) missing before %d: restarting its window", chunk.stream_id, missing, chunk.seq)
@@ -268,7 +262,6 @@ class KafkaSource:
         return track
 
     def _dead_letter(self, tp: TopicPartition, record, exc: MalformedChunk) -> None:
-        self._count("dead_letters")
         if self.metrics:
             self.metrics.dead_letters.labels(exc.reason).inc()
             self.metrics.chunks.labels("dead_letter").inc()

@@ -123,7 +123,7 @@ class Monitor:
     def replace_index(self, index: IndexStore) -> None:
         """Swap in a reloaded index between chunks; open matches follow their song ids."""
         thresholds = resolve_thresholds(self.decision_cfg, index.calibration)
-        new_rows = {song.song_id: row for row, song in enumerate(index.songs)}
+        new_rows = index.song_rows()
         rows = {row: new_rows.get(song.song_id) for row, song in enumerate(self.index.songs)}
         for state in self.streams.values():
             state.decider.remap(rows)
@@ -150,8 +150,7 @@ class Monitor:
         state = self.streams.get(stream_id)
         if state is None:
             return
-        rows = {song.song_id: row for row, song in enumerate(self.index.songs)}
-        state.decider.current = rows.get(song_id) if song_id is not None else None
+        state.decider.current = self.index.song_rows().get(song_id) if song_id is not None else None
         state.decider.current_started_s = started_s
         state.decider.below = 0
 

@@ -112,6 +112,10 @@ class Daemon:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill the daemon if it still runs (cleanup after a failure)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)

@@ -108,7 +108,7 @@ def setup(kafka_broker, make_topic, tmp_path, shipped_model_index):
     started: list[Daemon] = []
     yield make_daemon, audio_topic
     for daemon in started:  # a failed test must not leave daemons behind
-        daemon.__exit__()
+        daemon.close()
 
 
 def test_publish_serve_events_and_metrics(kafka_broker, setup):
