@@ -1,4 +1,4 @@
-"""Reference catalog -> FAISS inner-product index: build, add, info, and calibration.
+"""Reference catalog -> FAISS inner-product index: build, add, info (calibration: calibrate.py).
 
 Each reference is embedded as overlapping segments (IndexBuildConfig.segment_s every
 segment_hop_s, the last one aligned to the track's end) so that a short live excerpt can
@@ -15,6 +15,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from index_builder.calibrate import impostor_calibration, recalibrate_if_needed
+from index_builder.index_types import build_faiss_index, make_index, spec_for
 from index_builder.refs import Reference
 from index_builder.store import IndexStore, SongEntry, load_index, read_manifest, save_index
 from streamer.audio import frames_to_seconds, seconds_to_frames
@@ -25,7 +27,6 @@ from streamer.embedder import Embedder
 log = logging.getLogger(__name__)
 
 WHOLE_TRACK_MAX_S = 600.0  # longer tracks are embedded whole only up to this length
-IMPOSTOR_NEIGHBOURS = 64  # neighbours searched per vector when calibrating
 
 
 def segment_spans(n_frames: int, segment_frames: int, hop_frames: int) -> list[tuple[int, int]]:
@@ -61,15 +62,8 @@ def embed_reference(embedder: Embedder, frames: np.ndarray, cfg: IndexBuildConfi
 
 
 def make_faiss_index(index_type: str, dim: int, n_expected: int) -> faiss.Index:
-    """An empty inner-product FAISS index of the configured type."""
-    if index_type == "flat":
-        return faiss.IndexFlatIP(dim)
-    if index_type == "hnsw":
-        return faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-    if index_type == "ivf":
-        n_lists = max(1, int(np.sqrt(max(1, n_expected))))
-        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, n_lists, faiss.METRIC_INNER_PRODUCT)
-    raise ValueError(f"unknown index type {index_type!r}")
+    """An empty inner-product FAISS index of the configured type ("auto" included), see index_types.py."""
+    return make_index(spec_for(index_type, dim, n_expected), dim)
 
 
 def embed_references(embedder: Embedder, refs: list[Reference], cfg: IndexBuildConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -83,60 +77,22 @@ def embed_references(embedder: Embedder, refs: list[Reference], cfg: IndexBuildC
     return all_vectors, all_spans
 
 
-def stored_vectors(index: faiss.Index) -> np.ndarray:
-    """(V, D) float32 copy of the vectors held by a flat, HNSW or IVF index."""
-    if isinstance(index, faiss.IndexIVF):
-        index.make_direct_map()
-    return np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
-
-
-def calibrate(store: IndexStore, cfg: IndexBuildConfig) -> dict:
-    """Impostor statistics: for each indexed vector, the best score of any *other* song.
-
-    These are scores between different songs, i.e. what a non-matching query can reach.
-    The start threshold is their `impostor_quantile` quantile; the end threshold their
-    median halfway to it, so a match ends only when the score has fallen well back.
-    """
-    if len(store.songs) < 2:
-        return {"n_scores": 0, "start_threshold": 0.9, "end_threshold": 0.8, "note": "fewer than 2 songs: default thresholds"}
-    scores, ids = store.search(stored_vectors(store.faiss_index), IMPOSTOR_NEIGHBOURS)
-    best_other = []
-    for row, (s_row, i_row) in enumerate(zip(scores, ids)):
-        other = (i_row >= 0) & (store.vector_song[np.clip(i_row, 0, None)] != store.vector_song[row])
-        if other.any():
-            best_other.append(float(s_row[other].max()))
-    impostor = np.asarray(best_other)
-    start = float(np.quantile(impostor, cfg.impostor_quantile))
-    median = float(np.median(impostor))
-    return {
-        "n_scores": int(len(impostor)),
-        "impostor_median": median,
-        "impostor_p99": float(np.quantile(impostor, 0.99)),
-        "impostor_max": float(impostor.max()),
-        "quantile": cfg.impostor_quantile,
-        "start_threshold": start,
-        "end_threshold": median + 0.5 * (start - median),
-    }
-
-
 def _assemble(
     embedder: Embedder, songs: list[SongEntry], vectors: list[np.ndarray], spans: list[np.ndarray], cfg: IndexBuildConfig, index_type: str
 ) -> IndexStore:
     stacked = np.concatenate(vectors).astype(np.float32)
-    index = make_faiss_index(index_type, embedder.dim, len(stacked))
-    if not index.is_trained:
-        index.train(stacked)
-    index.add(stacked)
+    spec = spec_for(index_type, embedder.dim, len(stacked))
+    index = build_faiss_index(spec, stacked)
     store = IndexStore(
         faiss_index=index,
         songs=songs,
         vector_song=np.concatenate([np.full(len(v), i, dtype=np.int32) for i, v in enumerate(vectors)]),
         vector_span=np.concatenate(spans),
         model_hash=embedder.info.model_hash,
-        settings={"segment_s": cfg.segment_s, "segment_hop_s": cfg.segment_hop_s, "whole_track": cfg.whole_track, "index_type": index_type},
+        settings={"segment_s": cfg.segment_s, "segment_hop_s": cfg.segment_hop_s, "whole_track": cfg.whole_track, "index_type": spec.index_type, "index": spec.to_settings()},
         calibration={},
     )
-    store.calibration = calibrate(store, cfg)
+    store.calibration = impostor_calibration(store, cfg)
     return store
 
 
@@ -152,7 +108,7 @@ def build_index(refs: list[Reference], index_dir: Path, embedder: Embedder, cfg:
 
 def add_to_index(index_dir: Path, refs: list[Reference], embedder: Embedder, cfg: IndexBuildConfig) -> IndexStore:
     """Append new references to an existing index without re-embedding the old ones."""
-    store = load_index(index_dir, expected_model_hash=embedder.info.model_hash)
+    store = load_index(index_dir, expected_model_hash=embedder.info.model_hash, mmap=False)  # mapped IVF lists are read-only
     known = {s.song_id for s in store.songs}
     clashes = sorted(r.song_id for r in refs if r.song_id in known)
     if clashes:
@@ -164,8 +120,9 @@ def add_to_index(index_dir: Path, refs: list[Reference], embedder: Embedder, cfg
     store.songs.extend(SongEntry(r.song_id, r.title, str(r.path), dict(r.metadata)) for r in refs)
     store.vector_song = np.concatenate([store.vector_song, new_rows])
     store.vector_span = np.concatenate([store.vector_span, *spans])
-    store.calibration = calibrate(store, cfg)
+    store.calibration = {**store.calibration, **impostor_calibration(store, cfg)}  # a stream calibration stays
     save_index(index_dir, store, embedder.info)
+    store.calibration = recalibrate_if_needed(index_dir, store, embedder, cfg)
     log.info("added %d songs to %s: now %d songs, %d vectors", len(refs), index_dir, len(store.songs), store.n_vectors)
     return store
 

@@ -25,10 +25,18 @@ class Reference:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but False (not OSError) for names the OS refuses, such as over-long ones."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def read_refs_csv(csv_path: Path) -> list[Reference]:
     """Parse and check a refs CSV; relative paths are relative to the CSV's folder."""
-    try:
-        with csv_path.open(newline="", encoding="utf-8") as fh:
+    try:  # utf-8-sig: spreadsheet programs start their UTF-8 exports with a byte-order mark
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
@@ -39,6 +47,8 @@ def read_refs_csv(csv_path: Path) -> list[Reference]:
         raise RefsError(f"{csv_path}: refs file not found") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise RefsError(f"{csv_path}: not a readable CSV ({exc})") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise RefsError(f"{csv_path}: cannot read the refs file ({exc.strerror or exc})") from None
     refs, seen = [], {}
     for line, row in enumerate(rows, start=2):
         song_id = (row.get("song_id") or "").strip()
@@ -49,8 +59,8 @@ def read_refs_csv(csv_path: Path) -> list[Reference]:
         seen[song_id] = line
         raw_path = (row.get("path") or "").strip()
         path = Path(raw_path) if Path(raw_path).is_absolute() else csv_path.parent / raw_path
-        if not raw_path or not path.is_file():
-            raise RefsError(f"{csv_path}:{line}: audio file not found: {raw_path!r}")
+        if not raw_path or not _is_file(path):
+            raise RefsError(f"{csv_path}:{line}: audio file not found: {raw_path[:200]!r}")
         extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS and k is not None and v is not None}
         refs.append(Reference(song_id, (row.get("title") or song_id).strip(), path, extra))
     if not refs:

@@ -109,6 +109,8 @@ class _Job:
     arrangement: Arrangement
     max_seconds: float
     path: Path | None = None
+    degradation: tuple[str, ...] = ()  # `model.degrade` chain applied after rendering
+    degrade_seed: int = 0
 
 
 def _digest(*parts: object) -> bytes:
@@ -194,6 +196,10 @@ def _render_job(job: _Job) -> tuple[_Job, np.ndarray | None, str | None]:
     """Pool worker: render `job`; write it if it has a path. Returns (job, audio, error)."""
     try:
         audio = render(job.tune, job.arrangement, job.max_seconds)
+        if job.degradation:
+            from model.degrade import degrade  # imported here: model.degrade -> model.simulate imports this module
+
+            audio = degrade(audio, job.degradation, job.degrade_seed)
         if job.path is not None:
             _write_audio_atomic(job.path, audio, "FLAC")
             return job, None, None
@@ -222,6 +228,8 @@ def build_cover_dataset(
     *,
     collections: Sequence[str] = DEFAULT_COLLECTIONS,
     max_seconds: float = MAX_VERSION_SECONDS,
+    degrade_fraction: float = 0.0,
+    exclude_families: frozenset[str] = frozenset(),
 ) -> Path:
     """Render `n_groups` cover groups to out_dir/audio/<group_id>/v<version>.flac; return manifest.csv.
 
@@ -234,11 +242,24 @@ def build_cover_dataset(
     written atomically; the manifest (columns `MANIFEST_COLUMNS`, sorted by group and
     version) lists only files present at the end. A failed render is logged, counted
     and left out, never fatal.
+
+    Options that leave a build unchanged at their defaults:
+    - `degrade_fraction`: share of versions (chosen by hash of seed, tune, version)
+      passed through a random `model.degrade` chain (reverb, EQ, compression, noise,
+      codec). They are written as v<version>_<chain>.flac, never over a clean file,
+      and the manifest gains a `degradation` column ("" for clean versions).
+    - `exclude_families`: title families never used (e.g. the held-out real-variant
+      families of `model.variants`).
     """
-    if n_groups < 1 or versions_per_group < 1 or not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"bad sizes: n_groups={n_groups}, versions_per_group={versions_per_group}, val_fraction={val_fraction}")
+    if n_groups < 1 or versions_per_group < 1 or not 0.0 <= val_fraction <= 1.0 or not 0.0 <= degrade_fraction <= 1.0:
+        raise ValueError(
+            f"bad sizes: n_groups={n_groups}, versions_per_group={versions_per_group}, "
+            f"val_fraction={val_fraction}, degrade_fraction={degrade_fraction}"
+        )
     out_dir = Path(out_dir)
-    sources = sorted(_family_heads(collections, demo=False), key=lambda s: _unit_hash("order", seed, s.tune_id))
+    heads = [s for s in _family_heads(collections, demo=False) if s.family not in exclude_families]
+    sources = sorted(heads, key=lambda s: _unit_hash("order", seed, s.tune_id))
+    degradation_of: dict[tuple[str, int], str] = {}
     rows: list[Row] = []
     jobs: list[_Job] = []
     for source, tune in _parse_first(sources, n_groups):
@@ -249,7 +270,10 @@ def build_cover_dataset(
         for version in range(versions_per_group):
             arrangement = random_arrangement(rng, soundfont, tune.base_tempo_bpm, arrangements)
             arrangements.append(arrangement)
-            relative = Path("audio") / group_id_of(tune) / f"v{version}.flac"
+            chain = _degradation_chain(seed, tune.tune_id, version, degrade_fraction)
+            suffix = "_" + "+".join(chain) if chain else ""
+            relative = Path("audio") / group_id_of(tune) / f"v{version}{suffix}.flac"
+            degradation_of[group_id_of(tune), version] = "+".join(chain)
             rows.append(
                 Row(
                     group_id=group_id_of(tune),
@@ -264,7 +288,8 @@ def build_cover_dataset(
                     accompaniment=arrangement.accompaniment,
                 )
             )
-            jobs.append(_Job(tune, arrangement, max_seconds, out_dir / relative))
+            degrade_seed = int.from_bytes(_digest("degrade-seed", seed, tune.tune_id, version)[:4], "big")
+            jobs.append(_Job(tune, arrangement, max_seconds, out_dir / relative, chain, degrade_seed))
     pending = [job for job in jobs if not is_readable_audio(job.path)]
     failed = set()
     for job, _, error in _run_jobs(pending, desc="render"):
@@ -273,7 +298,11 @@ def build_cover_dataset(
             failed.add(job.path)
     rows = sorted((row for row in rows if out_dir / row.path not in failed), key=lambda r: (r.group_id, r.version))
     manifest = out_dir / "manifest.csv"
-    write_text_atomic(manifest, _csv_text(MANIFEST_COLUMNS, [dataclasses.astuple(row) for row in rows]))
+    if degrade_fraction > 0:
+        table = [(*dataclasses.astuple(row), degradation_of[row.group_id, row.version]) for row in rows]
+        write_text_atomic(manifest, _csv_text((*MANIFEST_COLUMNS, "degradation"), table))
+    else:
+        write_text_atomic(manifest, _csv_text(MANIFEST_COLUMNS, [dataclasses.astuple(row) for row in rows]))
     splits = Counter(row.split for row in rows if row.version == 0)
     log.info(
         "dataset %s: %d groups (%s), %d files: %d rendered, %d reused, %d failed",
@@ -281,6 +310,15 @@ def build_cover_dataset(
         len(pending) - len(failed), len(jobs) - len(pending), len(failed),
     )  # fmt: skip
     return manifest
+
+
+def _degradation_chain(seed: int, tune_id: str, version: int, fraction: float) -> tuple[str, ...]:
+    """The `model.degrade` chain of one version: () for a clean one (always when fraction is 0)."""
+    if fraction <= 0 or _unit_hash("degrade", seed, tune_id, version) >= fraction:
+        return ()
+    from model.degrade import random_chain  # imported here: model.degrade -> model.simulate imports this module
+
+    return random_chain(_rng("degrade-chain", seed, tune_id, version))
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

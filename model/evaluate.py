@@ -30,7 +30,10 @@ from streamer.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
-EXCERPT_SECONDS = (5.0, 10.0, 20.0, 30.0)  # the rendered versions last at most 40 s
+# Query lengths. A track no longer than an excerpt is used whole (`_excerpt`): cover-dataset
+# versions last at most 40 s, so there 60 s (and 30 s for short ones) means the whole track;
+# the real-variant renders of `model.variants` last 60-75 s.
+EXCERPT_SECONDS = (5.0, 10.0, 20.0, 30.0, 60.0)
 CHROMA_POOL = 20  # CQT frames averaged per chroma frame (~0.46 s)
 PATCH = 32  # chroma frames per 2D-FFT patch (~15 s)
 PATCH_HOP = 8
@@ -58,6 +61,7 @@ def chroma_2dftm(frames: np.ndarray) -> np.ndarray:
 
 
 def _excerpt(frames: np.ndarray, seconds: float) -> np.ndarray:
+    """(T, F) -> (min(T, n), F): the middle `seconds` of a track, or all of it if shorter."""
     n = seconds_to_frames(seconds)
     if len(frames) <= n:
         return frames

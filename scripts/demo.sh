@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
-# fluidsynth + MuseScore General render the demo; libsndfile decodes audio; libportaudio2 is for mic capture.
+# fluidsynth + MuseScore General render the demo; libsndfile decodes audio; libportaudio2 is for mic capture;
+# espeak-ng + three game-music packages (none of them reserved for evaluation) make the
+# non-catalog broadcast audio that the demo index is calibrated on (once).
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends fluidsynth musescore-general-soundfont libsndfile1 libportaudio2 >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends fluidsynth musescore-general-soundfont libsndfile1 libportaudio2 \
+    espeak-ng asc-music hyperrogue-music drascula-music >/dev/null
 
 # The daemon itself needs no torch; the data extra adds music21 + pretty_midi for rendering the demo.
 python3 -m pip install -q -e '.[data]'

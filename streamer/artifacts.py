@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from streamer.audio import BINS_PER_OCTAVE, HOP_LENGTH, N_BINS, SAMPLE_RATE
+from streamer.audio import BINS_PER_OCTAVE, FMIN, HOP_LENGTH, N_BINS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,14 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
 class ArtifactError(RuntimeError):
     """A model or index file that is missing, corrupt, or does not belong with the others."""
+
+
+def canonical_sha256(table: dict, skip: str) -> str:
+    """sha256 of `table`'s canonical JSON without key `skip` (the key that stores this very digest).
+
+    JSON floats round-trip exactly, so a table read back from disk hashes as it did when written."""
+    body = {k: v for k, v in table.items() if k != skip}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -47,13 +57,17 @@ class ModelInfo:
     cqt_sha256: str
     encoder_sha256: str
     dims: dict = field(default_factory=dict)
+    # {} as exported; a quantised model records mode, source model hash and source encoder sha256
+    quantization: dict = field(default_factory=dict)
 
     @property
     def model_hash(self) -> str:
         return hashlib.sha256(f"{self.cqt_sha256}:{self.encoder_sha256}".encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "model_hash": self.model_hash}
+        """The sidecar's content: the fields, the model hash and a sha256 over both (`sidecar_sha256`)."""
+        table = {**asdict(self), "model_hash": self.model_hash}
+        return {**table, "sidecar_sha256": canonical_sha256(table, "sidecar_sha256")}
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:
@@ -61,12 +75,42 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     return Path(path) if path else DEFAULT_MODEL_DIR
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to path.tmp, fsync it, rename it over `path`: readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside folder `path` durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_model_info(model_dir: Path, info: ModelInfo) -> None:
+    """Write model.json atomically (a reader never sees half a sidecar)."""
+    atomic_write(model_dir / MODEL_FILES["sidecar"], (json.dumps(info.to_dict(), indent=2) + "\n").encode())
+    fsync_dir(model_dir)
+
+
 def load_model_info(model_dir: Path, verify: bool = True) -> ModelInfo:
     """Read model.json and (with verify) check both graphs' sha256 and the front end."""
     sidecar = model_dir / MODEL_FILES["sidecar"]
     try:
         raw = json.loads(sidecar.read_text())
-        raw.pop("model_hash", None)
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        recorded_digest = raw.pop("sidecar_sha256", None)
+        if recorded_digest is not None and recorded_digest != canonical_sha256(raw, "sidecar_sha256"):
+            raise ArtifactError(f"{sidecar}: sidecar_sha256 does not match its content (model.json altered or damaged)")
+        recorded_hash = raw.pop("model_hash", None)
         info = ModelInfo(**raw)
     except FileNotFoundError:
         raise ArtifactError(f"{sidecar}: model sidecar not found (is {model_dir} a coverwatch model folder?)") from None
@@ -76,6 +120,10 @@ def load_model_info(model_dir: Path, verify: bool = True) -> ModelInfo:
     found = (info.sample_rate, info.hop_length, info.n_bins, info.bins_per_octave)
     if found != expected:
         raise ArtifactError(f"{sidecar}: front end (sr, hop, bins, bins/octave) = {found}, this build expects {expected}")
+    if not math.isclose(info.fmin, FMIN, rel_tol=1e-9):
+        raise ArtifactError(f"{sidecar}: fmin {info.fmin} Hz, this build expects {FMIN} Hz")
+    if recorded_hash is not None and recorded_hash != info.model_hash:
+        raise ArtifactError(f"{sidecar}: model_hash {recorded_hash} does not match its graph sha256s (sidecar altered or damaged)")
     if verify:
         for key, digest in (("cqt", info.cqt_sha256), ("encoder", info.encoder_sha256)):
             path = model_dir / MODEL_FILES[key]

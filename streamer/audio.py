@@ -41,7 +41,7 @@ class AudioError(ValueError):
     """Audio that cannot be used: unreadable, empty, or with an impossible format."""
 
 
-PIECE_FRAMES = 2584  # frames per front-end call on whole files (~60 s): bounds memory
+PIECE_FRAMES = 128  # frames per front-end call (~3 s): the block-matmul CQT is fastest per frame up to ~128 (bench/RESULTS.md)
 
 
 def cqt_in_pieces(

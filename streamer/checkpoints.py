@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streamer.config import KafkaConfig
-from streamer.kafka_sink import producer_settings, wait_acknowledged
+from streamer.kafka_sink import producer_settings, security_settings, wait_acknowledged
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,36 @@ CONNECT_GRACE_S = 1.0
 
 def checkpoint_key(group: str, tp: TopicPartition) -> bytes:
     return f"{group}|{tp.topic}|{tp.partition}".encode()
+
+
+def _is_offset(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -1 <= value < 2**63
+
+
+def _is_open_match(value: object) -> bool:
+    """None, or [song_id, start time in s] as `save` writes it."""
+    if value is None:
+        return True
+    return (
+        isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
+        and isinstance(value[1], (int, float)) and not isinstance(value[1], bool) and math.isfinite(value[1])
+    )  # fmt: skip
+
+
+def parse_checkpoint(raw: bytes) -> dict | None:
+    """A checkpoint record's value -> {"delivered": int, "open": {stream: [song_id, start_s] | None}, ...},
+    or None when it is not a well-formed checkpoint: a damaged or foreign record on the
+    compacted topic must not stop the daemon at every partition assignment."""
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+        return None
+    if not isinstance(state, dict) or not _is_offset(state.get("delivered")):
+        return None
+    opened = state.setdefault("open", {})
+    if not isinstance(opened, dict) or not all(_is_open_match(match) for match in opened.values()):
+        return None
+    return state
 
 
 class CheckpointTopic:
@@ -55,6 +86,7 @@ class CheckpointTopic:
             client_id=f"{self.cfg.client_id}-checkpoints",
             group_id=None,
             enable_auto_commit=False,
+            **security_settings(self.cfg),
         )
         try:
             ids = consumer.partitions_for_topic(self.cfg.checkpoint_topic) or set()
@@ -80,10 +112,11 @@ class CheckpointTopic:
                         if record.value is None:  # a tombstone deletes the checkpoint
                             found.pop(tp, None)
                             continue
-                        try:
-                            found[tp] = json.loads(record.value)
-                        except ValueError:
-                            log.warning("unreadable checkpoint for %s[%d] ignored", tp.topic, tp.partition)
+                        checkpoint = parse_checkpoint(record.value)
+                        if checkpoint is None:
+                            log.warning("unreadable checkpoint for %s[%d] ignored: %r", tp.topic, tp.partition, record.value[:80])
+                        else:
+                            found[tp] = checkpoint
         finally:
             consumer.close()
         log.info("checkpoints read for %d of %d partition(s)", len(found), len(wanted))

@@ -1,5 +1,5 @@
 """The `coverwatch` command line: serve, identify, index build|add|info, and the training-side
-commands (data, train, export, evaluate, demo) that need the `train`/`data` extras.
+commands (data, train, export, quantize, evaluate, demo) that need the `train`/`data`/`quantize` extras.
 
 Each command returns a named exit code; errors the user can fix print one line naming the
 problem on stderr.
@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from kafka.errors import KafkaError
 from index_builder.refs import RefsError, read_refs
 from streamer.artifacts import ArtifactError, resolve_model_dir
 from streamer.audio import AudioError
-from streamer.config import Config, ConfigError, load_config, replace_section
+from streamer.config import INDEX_TYPE_CHOICES, Config, ConfigError, load_config, replace_section
 from streamer.daemon import ExitCode, Server
 from streamer.publish import PublishError
 
@@ -132,13 +133,34 @@ def cmd_export(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_quantize(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from model.quantize import quantize_model
+
+    info = quantize_model(Path(args.model_dir), Path(args.out_dir), args.mode)
+    print(json.dumps(info.to_dict()))
+    return ExitCode.OK
+
+
 def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from model.dataset import build_cover_dataset, build_demo
 
     if args.data_command == "build":
+        excluded = frozenset()
+        if args.hold_out_variants:
+            from model.variants import find_variant_groups
+
+            excluded = frozenset(g.family for g in find_variant_groups() if g.heldout)
         path = build_cover_dataset(
-            Path(args.out), n_groups=args.groups, versions_per_group=args.versions, seed=args.seed, max_seconds=args.max_seconds
-        )
+            Path(args.out), n_groups=args.groups, versions_per_group=args.versions, seed=args.seed, max_seconds=args.max_seconds,
+            degrade_fraction=args.degrade_fraction, exclude_families=excluded,
+        )  # fmt: skip
+    elif args.data_command == "variants":
+        from model.variants import build_variant_dataset, find_variant_groups, trained_families
+
+        groups = [g for g in find_variant_groups() if g.heldout == (args.which == "heldout")]
+        trained = frozenset().union(*(trained_families(Path(m)) for m in args.exclude_trained))
+        split = "val" if args.which == "heldout" else "train"
+        path = build_variant_dataset(Path(args.out), groups, args.groups, args.seed, exclude_families=trained, split=split)
     else:
         path = build_demo(Path(args.out))
     print(str(path))
@@ -158,6 +180,43 @@ def cmd_demo(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from streamer.demo import run_demo
 
     return run_demo(cfg, Path(args.workdir) if args.workdir else None, realtime=args.realtime)
+
+
+def cmd_simulate(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from model.simulate import simulate
+
+    paths = simulate(
+        Path(args.out), args.seeds, args.minutes * 60.0, args.catalog_seed, args.catalog_size, background=args.calibration_audio
+    )
+    print(json.dumps({"catalog": str(Path(args.out) / "catalog" / "refs.csv"), "streams": [str(p) for p in paths]}))
+    return ExitCode.OK
+
+
+def cmd_evaluate_stream(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from streamer.stream_eval import evaluate_streams
+
+    summary = evaluate_streams(cfg, [Path(p) for p in args.streams], Path(args.out), plots=not args.no_plots, rescore=args.rescore)
+    print(json.dumps(summary))
+    return ExitCode.OK
+
+
+def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from index_builder.calibrate import calibrate_index
+
+    calibration = calibrate_index(Path(args.index_dir), [Path(p) for p in args.audio], _embedder(cfg), cfg)
+    print(json.dumps(calibration))
+    return ExitCode.OK
+
+
+BENCHMARKS = ("streams", "stream", "model", "index", "kafka", "soak")
+
+
+def cmd_bench(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    """The benchmark scripts live in the source tree's bench/, beside the packages."""
+    script = Path(__file__).resolve().parents[1] / "bench" / f"bench_{args.name}.py"
+    if not script.is_file():
+        raise OSError(f"{script} not found: `coverwatch bench` runs from a source checkout (git clone), not an installed wheel")
+    return ExitCode(subprocess.call([sys.executable, str(script), *args.bench_args]) and ExitCode.FAILURE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = index_sub.add_parser("build")
     build.add_argument("--refs", required=True, help="refs CSV (song_id,title,path) or a folder of audio")
     build.add_argument("--out", required=True)
-    build.add_argument("--type", choices=("flat", "ivf", "hnsw"), default=None)
+    build.add_argument("--type", choices=INDEX_TYPE_CHOICES, default=None, help="FAISS index type (default: [index_build] index_type)")
     build.add_argument("--model")
     add = index_sub.add_parser("add")
     add.add_argument("index_dir")
@@ -219,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.set_defaults(func=cmd_export)
 
+    # A command of its own rather than `export --quantize`: it starts from an exported folder,
+    # not a checkpoint, so it runs without torch (onnx + onnxruntime, the `quantize` extra).
+    quantize = sub.add_parser("quantize", help="copy a model folder with an int8 or fp16 encoder")
+    quantize.add_argument("model_dir", help="exported float32 model folder")
+    quantize.add_argument("out_dir", help="new model folder (CQT graph copied, encoder converted)")
+    quantize.add_argument("--mode", choices=("int8", "fp16"), default="int8")
+    quantize.set_defaults(func=cmd_quantize)
+
     data = sub.add_parser("data", help="render cover-group datasets (needs the data extra)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     data_build = data_sub.add_parser("build")
@@ -227,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_build.add_argument("--versions", type=int, default=4)
     data_build.add_argument("--seed", type=int, default=0)
     data_build.add_argument("--max-seconds", type=float, default=40.0, help="each version is cut at this length")
+    data_build.add_argument("--degrade-fraction", type=float, default=0.0, help="share of versions given audio degradations")
+    data_build.add_argument("--hold-out-variants", action="store_true", help="never use the held-out real-variant families")
+    data_variants = data_sub.add_parser("variants", help="render real tune-variant groups (held-out ones for evaluation)")
+    data_variants.add_argument("--out", required=True)
+    data_variants.add_argument("--which", choices=("heldout", "train"), default="heldout")
+    data_variants.add_argument("--groups", type=int, default=120, help="at most this many groups")
+    data_variants.add_argument("--seed", type=int, default=0)
+    data_variants.add_argument(
+        "--exclude-trained", action="append", default=[], metavar="MANIFEST", help="skip families in this manifest's train split"
+    )
     data_demo = data_sub.add_parser("demo")
     data_demo.add_argument("--out", required=True)
     data.set_defaults(func=cmd_data)
@@ -243,6 +320,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="where demo data is cached (default ~/.cache/coverwatch/demo)")
     demo.add_argument("--realtime", action="store_true", help="play the stream at real-time pace")
     demo.set_defaults(func=cmd_demo)
+
+    simulate = sub.add_parser("simulate", help="render broadcast-like streams with a ground-truth timeline (needs the data extra)")
+    simulate.add_argument("--out", required=True, help="simulation folder: catalog/ and streams/ (cached)")
+    simulate.add_argument("--seeds", type=int, nargs="+", default=[1], help="one stream per seed")
+    simulate.add_argument("--minutes", type=float, default=60.0, help="length of each stream")
+    simulate.add_argument("--catalog-seed", type=int, default=0)
+    simulate.add_argument("--catalog-size", type=int, default=40)
+    simulate.add_argument("--calibration-audio", action="store_true", help="streams without plays, from material kept for calibration")
+    simulate.set_defaults(func=cmd_simulate)
+
+    evaluate_stream = sub.add_parser("evaluate-stream", help="run the daemon over simulated streams and score it like a broadcast monitor")
+    evaluate_stream.add_argument("streams", nargs="+", help="stream audio files with a timeline .json beside each")
+    evaluate_stream.add_argument("--index")
+    evaluate_stream.add_argument("--model")
+    evaluate_stream.add_argument("--out", default="bench/stream_eval", help="report folder (REPORT.md, plots, events)")
+    evaluate_stream.add_argument("--no-plots", action="store_true")
+    evaluate_stream.add_argument("--rescore", action="store_true", help="score the events a previous run left in --out, without running the daemon")
+    evaluate_stream.set_defaults(func=cmd_evaluate_stream)
+
+    calibrate = sub.add_parser("calibrate", help="set an index's thresholds from non-catalog audio for a target false-alarm rate")
+    calibrate.add_argument("index_dir")
+    calibrate.add_argument("--audio", nargs="+", required=True, help="audio files of music that is NOT in the catalog")
+    calibrate.add_argument("--model")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (source checkout); results go to bench/RESULTS.md")
+    bench.add_argument("name", choices=BENCHMARKS, help="bench/bench_NAME.py")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script (see its --help)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

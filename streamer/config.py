@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -37,11 +38,13 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, choices: 
 class ModelConfig:
     path: str = _f("")  # folder with cqt.onnx, encoder.onnx, model.json; "" = the bundled default
     threads: int = _f(2, 1, 256)  # onnxruntime intra-op threads
+    batch_size: int = _f(32, 1, 1024)  # windows of one length per encoder call
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     path: str = _f("")  # index folder made by `coverwatch index build`
+    threads: int = _f(1, 1, 256)  # FAISS (OpenMP) search threads: 1 measured best on 2 cores (2 add ~9 ms per search)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class StreamConfig:
     chunk_s: float = _f(0.5, 0.01, 60.0)  # block size when reading files
     silence_dbfs: float = _f(-55.0, -120.0, 0.0)  # windows quieter than this (RMS) are not embedded
     top_k: int = _f(20, 1, 1000)  # neighbours fetched per window
+    max_pending_windows: int = _f(256, 1, 100000)  # due windows that force an encoder pass mid-batch (bounds memory)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,11 @@ class SinkConfig:
     kafka: bool = _f(False)  # also send events to [kafka] events_topic (always on with --source kafka)
 
 
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# Keys that would put a secret into config.toml: refused with a pointer to the file/env keys.
+SECRET_KEYS = ("sasl_plain_password", "sasl_password", "password", "ssl_password")
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str = _f("127.0.0.1:9092")  # comma-separated host:port list
@@ -93,6 +102,16 @@ class KafkaConfig:
     stream_idle_s: float = _f(60.0, 1.0, 86400.0)  # a stream without chunks for this long is dropped
     send_timeout_s: float = _f(10.0, 0.1, 600.0)  # wait for the broker's acks=all before retrying
     retry_backoff_max_s: float = _f(30.0, 0.1, 3600.0)  # longest pause between delivery retries
+    # Security, passed to every Kafka client. The password is never in this file: it is read
+    # from sasl_password_file or the environment variable named by sasl_password_env.
+    security_protocol: str = _f("PLAINTEXT", choices=KAFKA_PROTOCOLS)
+    ssl_cafile: str = _f("")  # CA bundle (PEM) that signed the brokers' certificates; "" = system default
+    ssl_certfile: str = _f("")  # client certificate (PEM) for mutual TLS
+    ssl_keyfile: str = _f("")  # its private key (PEM)
+    sasl_mechanism: str = _f("PLAIN", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    sasl_plain_username: str = _f("")
+    sasl_password_file: str = _f("")  # file whose content (trailing newline stripped) is the password
+    sasl_password_env: str = _f("")  # or: name of the environment variable holding it
 
     @property
     def brokers(self) -> list[str]:
@@ -111,13 +130,20 @@ class ServiceConfig:
     drain_timeout_s: float = _f(20.0, 0.1, 600.0)  # SIGTERM: finish in-flight work, flush, commit within this
 
 
+# FAISS index types `index build` accepts; index_builder/index_types.py builds them
+INDEX_TYPE_CHOICES = ("auto", "flat", "hnsw", "ivf", "ivf_sq8", "ivf_pq", "opq_ivf_pq")
+
+
 @dataclass(frozen=True)
 class IndexBuildConfig:
     segment_s: float = _f(20.0, 3.0, 600.0)  # reference segment length
     segment_hop_s: float = _f(10.0, 1.0, 600.0)  # hop between reference segments
     whole_track: bool = _f(True)  # also index each whole track
-    index_type: str = _f("flat", choices=("flat", "ivf", "hnsw"))
+    index_type: str = _f("auto", choices=INDEX_TYPE_CHOICES)  # auto = chosen by catalog size (index_builder/index_types.py)
     impostor_quantile: float = _f(0.999, 0.5, 1.0)  # calibration: quantile of non-matching scores
+    target_false_alarms_per_day: float = _f(1.0, 1e-6, 1e4)  # `coverwatch calibrate`: start threshold for this rate
+    calibration_block_s: float = _f(60.0, 5.0, 3600.0)  # calibration: score maxima are fitted per block of this length
+    recalibrate_growth: float = _f(0.25, 0.0, 100.0)  # `index add` re-runs calibration when the song count moves by this fraction
     batch_size: int = _f(16, 1, 4096)
 
 
@@ -186,6 +212,9 @@ def _check_scalar(value: Any, tp: type, meta: dict, where: str, errors: list[str
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         errors.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         return None
+    if tp is float and not math.isfinite(value):  # TOML allows nan and inf; no setting means them
+        errors.append(f"{where}: {value!r} is not a finite number")
+        return None
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices") or ()
     if lo is not None and value < lo or hi is not None and value > hi:
         bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
@@ -226,6 +255,26 @@ def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
     return cls(**values)
 
 
+def _kafka_security_checks(k: KafkaConfig) -> list[str]:
+    errors = []
+    sasl, tls = k.security_protocol.startswith("SASL_"), k.security_protocol.endswith("SSL")
+    if sasl and not k.sasl_plain_username:
+        errors.append(f"kafka.sasl_plain_username: required with security_protocol {k.security_protocol}")
+    if sasl and bool(k.sasl_password_file) == bool(k.sasl_password_env):
+        errors.append("kafka: SASL needs exactly one of sasl_password_file and sasl_password_env")
+    if not sasl and (k.sasl_plain_username or k.sasl_password_file or k.sasl_password_env):
+        errors.append(f"kafka: SASL settings given but security_protocol is {k.security_protocol} (use SASL_SSL or SASL_PLAINTEXT)")
+    if not tls and (k.ssl_cafile or k.ssl_certfile or k.ssl_keyfile):
+        errors.append(f"kafka: ssl_* files given but security_protocol is {k.security_protocol} (use SSL or SASL_SSL)")
+    if bool(k.ssl_certfile) != bool(k.ssl_keyfile):
+        errors.append("kafka: ssl_certfile and ssl_keyfile go together (mutual TLS)")
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
+        path = getattr(k, key)
+        if path and not Path(path).is_file():
+            errors.append(f"kafka.{key}: {path!r} is not a readable file")
+    return errors
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     errors = []
     if cfg.train.crop_min_s > cfg.train.crop_max_s:
@@ -238,6 +287,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append("decision.end_threshold must not exceed decision.start_threshold (hysteresis)")
     if sorted(cfg.stream.windows_s) != cfg.stream.windows_s or len(set(cfg.stream.windows_s)) != len(cfg.stream.windows_s):
         errors.append("stream.windows_s must be strictly increasing")
+    errors.extend(_kafka_security_checks(cfg.kafka))
     if cfg.kafka.heartbeat_interval_ms * 3 > cfg.kafka.session_timeout_ms:
         errors.append("kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms")
     return errors
@@ -246,6 +296,12 @@ def _cross_checks(cfg: Config) -> list[str]:
 def parse_config(table: dict, source: str = "<config>") -> Config:
     """Build a validated `Config` from a parsed TOML table; raise ConfigError listing all problems."""
     errors: list[str] = []
+    kafka_table = table.get("kafka")
+    secrets = [key for key in SECRET_KEYS if isinstance(kafka_table, dict) and key in kafka_table]
+    for key in secrets:
+        errors.append(f"kafka.{key}: secrets do not belong in the config; name a file (kafka.sasl_password_file) or an environment variable (kafka.sasl_password_env)")
+    if secrets:  # reported once, not again as unknown keys
+        table = {**table, "kafka": {k: v for k, v in kafka_table.items() if k not in secrets}}
     cfg = _build(Config, table, "", errors)
     if cfg is not None:
         errors.extend(_cross_checks(cfg))
@@ -266,6 +322,12 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML must be): {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     return parse_config(table, str(path))
 
 

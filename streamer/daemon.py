@@ -23,6 +23,8 @@ import time
 from enum import IntEnum
 from pathlib import Path
 
+import faiss
+
 from index_builder.store import load_index
 from streamer.artifacts import ArtifactError, resolve_model_dir
 from streamer.config import Config
@@ -60,19 +62,22 @@ class Server:
             raise ValueError("no index configured: set [index] path in the config or pass --index")
         self.index = self._load_index()
         self.monitor = Monitor(self.embedder, self.index, cfg.stream, cfg.decision, self.metrics)
+        self.monitor.batch_size = cfg.model.batch_size
+        faiss.omp_set_num_threads(cfg.index.threads)
         self.is_kafka = source_spec == "kafka"
         if self.is_kafka:
             from streamer.kafka_source import KafkaSource
 
             self.source = KafkaSource(cfg.kafka, self.monitor.replay_horizon_s(), self.metrics)
         else:
-            self.source = parse_source(source_spec, mic=cfg.mic, block_s=cfg.stream.chunk_s, fast=fast, stream_id=stream_id)
+            self.source = parse_source(source_spec, mic=cfg.mic, block_s=cfg.stream.chunk_s, fast=fast, stream_id=stream_id, metrics=self.metrics)
         self.sinks = self._build_sinks()
         self.audio_s = 0.0
         self._interrupts = 0
         self._reload_requested = False
         self._drain_deadline: float | None = None
         self._mic_lost = 0
+        self._in_flight: list[tuple[float, float]] = []  # live Kafka chunks queued: (perf_counter at submit, capture end s)
 
     # -- set-up -------------------------------------------------------------------------
     def _load_index(self):
@@ -88,7 +93,7 @@ class Server:
             sinks.append(FileSink(Path(self.cfg.sinks.file)))
         if (self.is_kafka or self.cfg.sinks.kafka) and self.cfg.kafka.events_topic:
             sinks.append(KafkaEventSink(self.cfg.kafka, self.metrics, keepalive=self.tick, should_abort=self._past_drain_deadline))
-        return FanOut(sinks)
+        return FanOut(sinks, on_failure=lambda sink, action: self.metrics.sink_failures.labels(sink, action).inc())
 
     # -- what the sources drive -----------------------------------------------------------
     def _emit(self, events: list[MatchEvent]) -> None:
@@ -96,24 +101,31 @@ class Server:
             self.sinks.add(event)
         self.metrics.count_events(e.event for e in events)
 
-    def _monitor_chunk(self, stream_id: str, samples, sample_rate: int, clock_s: float | None = None) -> list[MatchEvent]:
-        """Feed the monitor and count the audio; raises ChunkError for a chunk that must be skipped."""
-        events = self.monitor.process_chunk(stream_id, samples, sample_rate, clock_s)
+    def _take_outbox(self, tagged: list[tuple[object, MatchEvent]]) -> None:
+        """Emit the monitor's events tagged live; the queued chunks' decisions are now taken."""
+        self._emit([event for emit, event in tagged if emit])
+        now_perf, now_wall = time.perf_counter(), time.time()
+        for submitted, capture_end_s in self._in_flight:
+            self.metrics.chunk_latency.observe(now_perf - submitted)
+            self.metrics.capture_latency.observe(max(0.0, now_wall - capture_end_s))
+        self._in_flight.clear()
+
+    def _count_audio(self, samples, sample_rate: int) -> None:
         seconds = len(samples) / sample_rate
         self.audio_s += seconds
         self.metrics.audio_seconds.inc(seconds)
-        return events
 
     def process(self, chunk: AudioChunk, emit: bool) -> None:
-        """One Kafka chunk; raises ChunkError for a chunk that must be skipped."""
-        events = self._monitor_chunk(chunk.stream_id, chunk.samples, chunk.sample_rate, chunk.capture_ts_ms / 1000)
+        """Queue one Kafka chunk (its decisions are taken in the batch's `deliver`); raises
+        ChunkError for a chunk that must be skipped."""
+        started = time.perf_counter()
+        self.monitor.submit(chunk.stream_id, chunk.samples, chunk.sample_rate, chunk.capture_ts_ms / 1000, tag=emit)
+        self._count_audio(chunk.samples, chunk.sample_rate)
         if emit:
-            self._emit(events)
+            self._in_flight.append((started, chunk.capture_ts_ms / 1000 + chunk.duration_s))
 
     def end_stream(self, stream_id: str, emit: bool) -> None:
-        events = self.monitor.end_stream(stream_id)
-        if emit:
-            self._emit(events)
+        self._take_outbox(self.monitor.end_stream(stream_id, tag=emit))
 
     def open_match(self, stream_id: str) -> tuple[str, float] | None:
         return self.monitor.open_match(stream_id)
@@ -122,7 +134,9 @@ class Server:
         self.monitor.restore_match(stream_id, song_id, started_s)
 
     def deliver(self) -> bool:
-        """Flush every sink; True when all of them took every event (Kafka: acknowledged)."""
+        """Take the queued decisions, then flush every sink; True when all of them took every
+        event (Kafka: acknowledged)."""
+        self._take_outbox(self.monitor.flush())
         return self.sinks.flush()
 
     def tick(self) -> None:
@@ -141,7 +155,8 @@ class Server:
         """One block from a file or microphone source."""
         started = time.perf_counter()
         try:
-            events = self._monitor_chunk(stream_id, samples, sample_rate)
+            events = self.monitor.process_chunk(stream_id, samples, sample_rate)
+            self._count_audio(samples, sample_rate)
         except ChunkError as exc:
             self.monitor.counts["bad_chunks"] += 1
             self.metrics.chunks.labels("bad_chunk").inc()
@@ -186,10 +201,11 @@ class Server:
 
     # -- run ------------------------------------------------------------------------------
     def run(self) -> ExitCode:
+        # First, so that a taken port fails the start (MetricsPortError, exit 1) before any handler is installed.
+        self.metrics_server = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
         handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         started = time.perf_counter()
-        self.metrics_server = self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
         self.notifier.ready(self._status())
         try:
             self.source.run(self if self.is_kafka else self.handle_chunk)

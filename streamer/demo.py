@@ -3,7 +3,10 @@
 1. render (once, cached) a demo catalog of ~30 folk tunes and a ~5-minute stream in which
    some catalog tunes are played as covers (other instrument, key, tempo, accompaniment)
    between out-of-catalog tunes, silence and noise (model/dataset.py: build_demo);
-2. build (once per model) an index of the catalog with the shipped model;
+2. build (once per model) an index of the catalog with the shipped model, and calibrate it
+   (once) on ~20 minutes of simulated non-catalog broadcast (model/simulate.py, background
+   mode, none of the demo's tunes), so the daemon decides with thresholds set for
+   `index_build.target_false_alarms_per_day`;
 3. run the real daemon (`Server`) over the stream, printing match events as they happen;
 4. print which plays were caught and missed, and any false match, against the ground truth.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from index_builder.build import build_index
 from index_builder.refs import read_refs
+from index_builder.store import read_manifest
 from streamer.artifacts import load_model_info, resolve_model_dir
 from streamer.config import Config, replace_section
 from streamer.daemon import ExitCode, Server
@@ -25,6 +29,9 @@ from streamer.events import MatchEvent
 from streamer.scoring import Play, score_stream
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_SEED = 1  # the demo's calibration audio (a background stream of model/simulate.py)
+CALIBRATION_MINUTES = 20.0
 
 
 def default_workdir() -> Path:
@@ -58,12 +65,26 @@ def ensure_demo_data(workdir: Path) -> Path:
     return build_demo(workdir)
 
 
-def ensure_demo_index(workdir: Path, cfg: Config) -> Path:
+def ensure_demo_index(workdir: Path, cfg: Config, calibrated: bool = False) -> Path:
+    """The demo catalog's index for the configured model (built once); with `calibrated`,
+    also its stream calibration (rendered and measured once)."""
     model_dir = resolve_model_dir(cfg.model.path)
     index_dir = workdir / f"index-{load_model_info(model_dir).model_hash}"
     if not (index_dir / "manifest.json").exists():
         embedder = Embedder(model_dir, cfg.model.threads)
         build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build)
+    if calibrated and not read_manifest(index_dir).get("calibration", {}).get("stream"):
+        from index_builder.calibrate import calibrate_index
+        from model.simulate import simulate_stream
+
+        truth = json.loads((workdir / "truth.json").read_text())
+        demo_tunes = {ref.song_id for ref in read_refs(workdir / "catalog" / "refs.csv")}
+        demo_tunes |= {o["tune_id"].replace("/", "_") for o in truth["out_of_catalog"]}
+        log.info("rendering %.0f min of non-catalog audio to calibrate the demo index (once)", CALIBRATION_MINUTES)
+        audio = simulate_stream(
+            workdir / "calibration", CALIBRATION_SEED, CALIBRATION_MINUTES * 60.0, background=True, exclude=frozenset(demo_tunes)
+        )
+        calibrate_index(index_dir, [audio], Embedder(model_dir, cfg.model.threads), cfg)
     return index_dir
 
 
@@ -85,12 +106,14 @@ def summarize(events: list[dict], truth: dict) -> list[str]:
 
 def run_demo(cfg: Config, workdir: Path | None, realtime: bool = False) -> ExitCode:
     workdir = ensure_demo_data(workdir or default_workdir())
-    cfg = replace_section(cfg, "index", path=str(ensure_demo_index(workdir, cfg)))
+    cfg = replace_section(cfg, "index", path=str(ensure_demo_index(workdir, cfg, calibrated=True)))
     cfg = replace_section(cfg, "metrics", port=0)  # a demo run must not collide with a running service
     server = Server(cfg, f"file:{workdir / 'stream.wav'}", fast=not realtime, stream_id="demo-radio")
     collector = CollectingSink()
     server.sinks.sinks.append(collector)
     code = server.run()
     truth = json.loads((workdir / "truth.json").read_text())
+    thresholds = server.monitor.thresholds
     print("\n".join(summarize(collector.events, truth)), flush=True)
+    print(f"thresholds: start {thresholds.start:.3f}, end {thresholds.end:.3f} ({thresholds.source})", flush=True)
     return code

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
@@ -33,6 +35,33 @@ REQUEST_OVERHEAD_BYTES = 64 * 1024  # record and request framing around the larg
 
 class DeliveryAborted(RuntimeError):
     """Events could not be delivered before the caller gave up (shutdown deadline)."""
+
+
+class SecretError(ValueError):
+    """The Kafka password file or environment variable named in the config cannot be read."""
+
+
+def read_kafka_password(cfg: KafkaConfig) -> str:
+    """The SASL password from `sasl_password_file` (trailing newline stripped) or the
+    environment variable named by `sasl_password_env`; never logged, never kept in the config."""
+    if cfg.sasl_password_file:
+        try:
+            return Path(cfg.sasl_password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise SecretError(f"kafka.sasl_password_file {cfg.sasl_password_file!r}: cannot read it ({exc.strerror})") from None
+    if cfg.sasl_password_env not in os.environ:
+        raise SecretError(f"kafka.sasl_password_env: environment variable {cfg.sasl_password_env!r} is not set")
+    return os.environ[cfg.sasl_password_env]
+
+
+def security_settings(cfg: KafkaConfig) -> dict:
+    """TLS and SASL settings for every Kafka client (producers and consumers), from [kafka]."""
+    settings: dict = {"security_protocol": cfg.security_protocol}
+    if cfg.security_protocol.endswith("SSL"):
+        settings.update(ssl_check_hostname=True, ssl_cafile=cfg.ssl_cafile or None, ssl_certfile=cfg.ssl_certfile or None, ssl_keyfile=cfg.ssl_keyfile or None)
+    if cfg.security_protocol.startswith("SASL_"):
+        settings.update(sasl_mechanism=cfg.sasl_mechanism, sasl_plain_username=cfg.sasl_plain_username, sasl_plain_password=read_kafka_password(cfg))
+    return settings
 
 
 def producer_settings(cfg: KafkaConfig, role: str) -> dict:
@@ -55,6 +84,7 @@ def producer_settings(cfg: KafkaConfig, role: str) -> dict:
         "bootstrap_timeout_ms": timeout_ms,
         "reconnect_backoff_max_ms": max(50, int(cfg.retry_backoff_max_s * 1000)),
         "max_request_size": MAX_VALUE_BYTES + REQUEST_OVERHEAD_BYTES,
+        **security_settings(cfg),
     }
 
 

@@ -32,7 +32,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamer.checkpoints import CheckpointTopic
 from streamer.config import KafkaConfig
-from streamer.kafka_sink import producer_settings, wait_acknowledged
+from streamer.kafka_sink import producer_settings, security_settings, wait_acknowledged
 from streamer.metrics import Metrics
 from streamer.pipeline import ChunkError
 from streamer.wire import AudioChunk, MalformedChunk, decode_chunk
@@ -46,11 +46,11 @@ COMMIT_TIMEOUT_MS = 5000  # a commit stuck longer is retried with the next batch
 class ChunkProcessor(Protocol):
     """What the source drives (the daemon's Server)."""
 
-    def process(self, chunk: AudioChunk, emit: bool) -> None: ...  # may raise ChunkError
+    def process(self, chunk: AudioChunk, emit: bool) -> None: ...  # queues the chunk's decisions; may raise ChunkError
 
-    def end_stream(self, stream_id: str, emit: bool) -> None: ...
+    def end_stream(self, stream_id: str, emit: bool) -> None: ...  # takes queued decisions first
 
-    def deliver(self) -> bool: ...  # True once every event so far is acknowledged
+    def deliver(self) -> bool: ...  # takes queued decisions (one batch); True once every event is acknowledged
 
     def open_match(self, stream_id: str) -> tuple[str, float] | None: ...
 
@@ -143,6 +143,7 @@ class KafkaSource:
             heartbeat_interval_ms=self.cfg.heartbeat_interval_ms,
             max_poll_records=self.cfg.max_poll_records,
             request_timeout_ms=max(30000, self.cfg.session_timeout_ms + 5000),
+            **security_settings(self.cfg),
         )
 
     def _touch_streams(self) -> None:
@@ -228,11 +229,8 @@ class KafkaSource:
         clock_start = chunk.capture_ts_ms / 1000
         track.clock_end_s = clock_start + chunk.duration_s
         log_.add(Processed(record.offset, chunk.stream_id, track.epoch, clock_start), record.offset)
-        if self.metrics:
+        if self.metrics:  # latency is observed when the batch's decisions are taken (processor.deliver)
             self.metrics.chunks.labels(outcome).inc()
-            if emit:
-                self.metrics.chunk_latency.observe(time.perf_counter() - started)
-                self.metrics.capture_latency.observe(max(0.0, time.time() - track.clock_end_s))
 
     def _sequence(self, tp: TopicPartition, chunk: AudioChunk, emit: bool) -> StreamTrack | None:
         """Update the stream's sequence bookkeeping; None when the chunk must be skipped."""

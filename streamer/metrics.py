@@ -22,6 +22,10 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+class MetricsPortError(OSError):
+    """The /metrics server cannot listen on the configured address and port."""
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -50,6 +54,9 @@ class Metrics:
         self.index_vectors = Gauge("coverwatch_index_vectors", "Vectors in the loaded index", registry=r)
         self.index_reloads = Counter("coverwatch_index_reloads_total", "SIGHUP index reloads", ["outcome"], registry=r)
         self.mic_overflows = Counter("coverwatch_mic_overflows_total", "Microphone blocks lost (PortAudio overflow or full queue)", registry=r)
+        self.mic_up = Gauge("coverwatch_mic_up", "1 while the microphone delivers audio, 0 while it is lost (and before it opens)", registry=r)
+        self.mic_reconnects = Counter("coverwatch_mic_reconnects_total", "Attempts to re-open a lost microphone", registry=r)
+        self.sink_failures = Counter("coverwatch_sink_failures_total", "Event sink calls that failed (disk full, broker gone, ...)", ["sink", "action"], registry=r)
         self.model = Info("coverwatch_model", "The loaded model", registry=r)
         for outcome in CHUNK_OUTCOMES:
             self.chunks.labels(outcome)
@@ -71,9 +78,18 @@ class Metrics:
             self.matches.labels(kind).inc()
 
     def serve(self, address: str, port: int) -> object | None:
-        """Start the /metrics HTTP server on a daemon thread; returns the server (or None if port 0)."""
+        """Start the /metrics HTTP server on a daemon thread; returns the server (or None if port 0).
+
+        Raises MetricsPortError naming the address when it cannot listen (port taken, no permission)."""
         if port == 0:
             return None
-        server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=address, registry=self.registry)
+        except OSError as exc:
+            raise MetricsPortError(
+                exc.errno,
+                f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}; another process may hold the port "
+                "(set [metrics] port or --metrics-port, or 0 to turn metrics off)",
+            ) from None
         log.info("metrics on http://%s:%d/metrics", address, server.server_port)
         return server

@@ -1,10 +1,18 @@
 """The per-chunk path of the daemon: audio chunk -> resample -> rolling CQT -> windows ->
 embeddings -> FAISS -> per-song scores -> hysteresis -> match events.
 
-`Monitor` owns the model, the index and one `StreamState` per stream. A decision is taken
+`Monitor` owns the model, the index and one `StreamState` per stream. A decision is due
 every `hop_s` of stream time: each configured window that is already filled and not silent
-is embedded (equal lengths in one encoder call), all windows are searched in one FAISS
-call, and a song's score is the maximum over windows and over its retrieved segments.
+is copied out of the stream's ring, and a song's score is the maximum over the windows and
+over its retrieved segments.
+
+Due decisions are batched across streams: `submit` pushes a chunk through resampling and
+the incremental CQT and queues the decisions it makes due; `flush` embeds every queued
+window (equal lengths together, `batch_size` per encoder call), searches all of them in
+one FAISS call, then updates each stream's hysteresis in submission order. Embeddings do
+not depend on decisions, so the events are exactly those of deciding chunk by chunk. Every
+other operation on streams (end, restore, reload) resolves the queue first, and events
+leave through one ordered outbox tagged by the caller (Kafka: live or replayed).
 """
 
 from __future__ import annotations
@@ -18,20 +26,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from index_builder.calibrate import p_value
 from index_builder.store import IndexStore
 from streamer.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, seconds_to_frames
 from streamer.config import DecisionConfig, StreamConfig
 from streamer.decision import Decision, Hysteresis
-from streamer.decode import StreamResampler, to_mono
+from streamer.decode import MAX_ABS_SAMPLE, StreamResampler, to_mono
 from streamer.embedder import Embedder
 from streamer.events import MatchEvent, make_event_id, utc_now_iso
 from streamer.metrics import Metrics
 from streamer.rolling import FrameRing, IncrementalCqt
 
 log = logging.getLogger(__name__)
-
-MAX_ABS_SAMPLE = 1e3  # float samples beyond this are a broken producer, not loud audio
-
 
 def frame_end_s(n_frames: int, kernel_length: int) -> float:
     """Seconds of audio needed to complete `n_frames` CQT frames (valid framing, hop 512)."""
@@ -50,14 +56,17 @@ class Thresholds:
 
 
 def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Thresholds:
-    """Config values when set (non-zero), otherwise the index's impostor calibration."""
+    """Config values when set (non-zero), otherwise the index's stream calibration
+    (`coverwatch calibrate`, for a target false-alarm rate) if it has one, else its
+    impostor calibration (made at build time)."""
     if decision.start_threshold and decision.end_threshold:
         return Thresholds(decision.start_threshold, decision.end_threshold, "config")
-    if "start_threshold" not in calibration:
+    source, fitted = ("stream calibration", calibration["stream"]) if calibration.get("stream") else ("index calibration", calibration)
+    if "start_threshold" not in fitted:
         raise ValueError("the index has no calibration; set decision.start_threshold and decision.end_threshold")
-    start = decision.start_threshold or float(calibration["start_threshold"])
-    end = decision.end_threshold or min(start, float(calibration["end_threshold"]))
-    return Thresholds(start, end, "index calibration")
+    start = decision.start_threshold or float(fitted["start_threshold"])
+    end = decision.end_threshold or min(start, float(fitted["end_threshold"]))
+    return Thresholds(start, end, source)
 
 
 @dataclass
@@ -95,6 +104,16 @@ class StreamState:
         return self.origin_s + self.samples_in / SAMPLE_RATE
 
 
+@dataclass
+class PendingDecision:
+    """A decision that is due but not yet taken: the stream's windows at that hop, copied."""
+
+    state: StreamState
+    time_s: float
+    windows: list[np.ndarray]  # [(T_i, F)] non-silent windows, oldest frame first
+    tag: object  # returned with the decision's events (Kafka: emit or replay)
+
+
 class Monitor:
     def __init__(
         self, embedder: Embedder, index: IndexStore, stream_cfg: StreamConfig, decision_cfg: DecisionConfig, metrics: Metrics | None = None
@@ -106,10 +125,14 @@ class Monitor:
         self.decision_cfg = decision_cfg
         self.thresholds = resolve_thresholds(decision_cfg, index.calibration)
         self.window_frames = [seconds_to_frames(s) for s in stream_cfg.windows_s]
-        self.silence_power = 10.0 ** (stream_cfg.silence_dbfs / 10.0)  # mean square
+        self.silence_power = 10.0 ** (stream_cfg.silence_dbfs / 10.0)  # mean square about each hop's mean (DC removed)
         self.streams: dict[str, StreamState] = {}
         self.times = StageTimes(observer=metrics.observe_stage if metrics else None)
         self.counts: Counter = Counter()
+        self.batch_size = 32  # windows per encoder call; Server sets [model] batch_size
+        self._pending: list[PendingDecision] = []
+        self._pending_windows = 0
+        self._outbox: list[tuple[object, MatchEvent]] = []
         if metrics:
             metrics.set_index(len(index.songs), index.n_vectors)
         log.info("decision thresholds start=%.3f end=%.3f (%s)", self.thresholds.start, self.thresholds.end, self.thresholds.source)
@@ -122,6 +145,7 @@ class Monitor:
 
     def replace_index(self, index: IndexStore) -> None:
         """Swap in a reloaded index between chunks; open matches follow their song ids."""
+        self._resolve()  # queued decisions were searched against the old index's rows
         thresholds = resolve_thresholds(self.decision_cfg, index.calibration)
         new_rows = index.song_rows()
         rows = {row: new_rows.get(song.song_id) for row, song in enumerate(self.index.songs)}
@@ -135,6 +159,7 @@ class Monitor:
 
     def open_match(self, stream_id: str) -> tuple[str, float] | None:
         """(song_id, start time) of the stream's open match, if any (checkpointed with Kafka commits)."""
+        self._resolve()
         state = self.streams.get(stream_id)
         if state is None or state.decider.current is None:
             return None
@@ -147,6 +172,7 @@ class Monitor:
         that opened before the replayed span would be re-detected with a later start; the
         checkpoint keeps its identity (song, start time, hence its event ids).
         """
+        self._resolve()
         state = self.streams.get(stream_id)
         if state is None:
             return
@@ -184,7 +210,16 @@ class Monitor:
         return max(min(self.window_frames), math.ceil(offset / HOP_LENGTH - 1e-6) + 1)
 
     def process_chunk(self, stream_id: str, samples: np.ndarray, sample_rate: int, clock_s: float | None = None) -> list[MatchEvent]:
-        """Feed one chunk ((N,) or (N, C) float samples at sample_rate); return the events it caused.
+        """Submit one chunk and take its decisions now; return every event in the outbox.
+
+        For one caller feeding streams one chunk at a time (files, microphone). Raises
+        ChunkError for a chunk that must be skipped.
+        """
+        self.submit(stream_id, samples, sample_rate, clock_s)
+        return [event for _, event in self.flush()]
+
+    def submit(self, stream_id: str, samples: np.ndarray, sample_rate: int, clock_s: float | None = None, tag: object = None) -> None:
+        """Feed one chunk ((N,) or (N, C) float samples at sample_rate); its due decisions are queued.
 
         `clock_s` is the source clock at the chunk's first sample (Kafka: capture time); it
         sets a new stream's origin, so decisions fall on the same hop grid whichever chunk a
@@ -200,13 +235,14 @@ class Monitor:
         started = time.perf_counter()
         state = self.streams.get(stream_id)
         if state is None or state.input_rate != sample_rate:
-            if state is not None:
-                log.warning("stream %s changed sample rate %d -> %d: restarting its window", stream_id, state.input_rate, sample_rate)
             try:
-                state = self._new_stream(stream_id, sample_rate, clock_s or 0.0)
+                fresh = self._new_stream(stream_id, sample_rate, clock_s or 0.0)
             except AudioError as exc:
                 raise ChunkError(f"stream {stream_id}: {exc}") from None
-            self.streams[stream_id] = state
+            if state is not None:
+                log.warning("stream %s changed sample rate %d -> %d: restarting its window", stream_id, state.input_rate, sample_rate)
+                self._close(stream_id, tag)  # its open match ends here
+            state = self.streams[stream_id] = fresh
             if self.metrics:
                 self.metrics.active_streams.set(len(self.streams))
         mono = state.resampler.process(to_mono(samples))
@@ -215,52 +251,68 @@ class Monitor:
         frames, energy = state.cqt.push(mono)
         self.times.add("cqt", now)
         self.counts["chunks"] += 1
-        return self._advance(state, frames, energy)
+        self._advance(state, frames, energy, tag)
+        if self._pending_windows >= self.stream_cfg.max_pending_windows:
+            self._resolve()
 
-    def _advance(self, state: StreamState, frames: np.ndarray, energy: np.ndarray) -> list[MatchEvent]:
-        """Append new frames, taking a decision at every hop boundary they cross."""
-        events: list[MatchEvent] = []
+    def flush(self) -> list[tuple[object, MatchEvent]]:
+        """Take every queued decision; return the outbox's (tag, event) pairs in order and empty it."""
+        self._resolve()
+        out, self._outbox = self._outbox, []
+        return out
+
+    def _advance(self, state: StreamState, frames: np.ndarray, energy: np.ndarray, tag: object) -> None:
+        """Append new frames, queueing a decision at every hop boundary they cross."""
         done = state.cqt.frames_done - len(frames)  # frame index of frames[0]
         while len(frames):
             take = min(len(frames), state.next_decision_frame - done)
             state.ring.append(frames[:take], energy[:take])
             frames, energy, done = frames[take:], energy[take:], done + take
             if done == state.next_decision_frame:
-                events.extend(self._decide(state, state.next_grid * self.stream_cfg.hop_s))
+                self._queue(state, state.next_grid * self.stream_cfg.hop_s, tag)
                 state.next_grid += 1
                 state.next_decision_frame = self._frame_at(state, state.next_grid * self.stream_cfg.hop_s)
-        return events
 
-    def song_scores(self, windows: list[np.ndarray]) -> dict[int, float]:
-        """Windows [(T_i, F)] -> {song row: max similarity over windows and segments}."""
-        started = time.perf_counter()
-        by_length: dict[int, list[np.ndarray]] = {}
-        for w in windows:
-            by_length.setdefault(len(w), []).append(w)
-        vectors = np.concatenate([self.embedder.embed(np.stack(ws)) for ws in by_length.values()])
-        now = self.times.add("embed", started)
-        best = self.index.best_per_song(vectors, self.stream_cfg.top_k)
-        self.times.add("search", now)
-        return best
-
-    def _decide(self, state: StreamState, time_s: float) -> list[MatchEvent]:
+    def _queue(self, state: StreamState, time_s: float, tag: object) -> None:
         windows = []
         for n in self.window_frames:
             if n > state.ring.filled:
                 break
-            frames, energy = state.ring.latest(n)
-            if float(energy.mean()) < self.silence_power:
+            if state.ring.mean_energy(n) < self.silence_power:
                 state.counts["silent_windows"] += 1
                 continue
-            windows.append(frames)
+            windows.append(state.ring.latest(n)[0])  # a copy: the ring moves on before the batch is embedded
+        self._pending.append(PendingDecision(state, time_s, windows, tag))
+        self._pending_windows += len(windows)
         self.counts["decisions"] += 1
         if self.metrics:
             self.metrics.decisions.inc()
-        scores = self.song_scores(windows) if windows else {}
+
+    def _resolve(self) -> None:
+        """Embed all queued windows, search them in one call, and apply the decisions in order."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_windows = self._pending, [], 0
         started = time.perf_counter()
-        decisions = state.decider.update(scores, time_s)
-        self.times.add("decide", started)
-        return [self._event(state, d) for d in decisions]
+        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for owner, decision in enumerate(pending):
+            for window in decision.windows:
+                by_length.setdefault(len(window), []).append((owner, window))
+        vectors, owners = [np.zeros((0, self.embedder.dim), np.float32)], []
+        for items in by_length.values():
+            for first in range(0, len(items), self.batch_size):
+                part = items[first : first + self.batch_size]
+                vectors.append(self.embedder.embed(np.stack([window for _, window in part])))
+                owners.extend(owner for owner, _ in part)
+        if owners:  # all-silent hops embed and search nothing
+            now = self.times.add("embed", started)
+            queries = np.concatenate(vectors)
+        scores = self.index.best_per_song_grouped(queries if owners else vectors[0], np.asarray(owners, dtype=np.int64), len(pending), self.stream_cfg.top_k)
+        now = self.times.add("search", now) if owners else started
+        for decision, song_scores in zip(pending, scores):
+            for made in decision.state.decider.update(song_scores, decision.time_s):
+                self._outbox.append((decision.tag, self._event(decision.state, made)))
+        self.times.add("decide", now)
 
     def _event(self, state: StreamState, decision: Decision) -> MatchEvent:
         song = self.index.songs[decision.song_index]
@@ -275,13 +327,19 @@ class Monitor:
             stream_time_s=decision.time_s,
             match_start_s=decision.started_s,
             wall_time=utc_now_iso(),
+            p_value=p_value(self.index.calibration, decision.score),
         )
 
-    def end_stream(self, stream_id: str) -> list[MatchEvent]:
-        """The stream ended (or jumped): close an open match and drop its state."""
+    def end_stream(self, stream_id: str, tag: object = None) -> list[tuple[object, MatchEvent]]:
+        """The stream ended (or jumped): take its queued decisions, close an open match, drop
+        its state; return the outbox (as `flush`)."""
+        self._close(stream_id, tag)
+        return self.flush()
+
+    def _close(self, stream_id: str, tag: object) -> None:
+        self._resolve()
         state = self.streams.pop(stream_id, None)
         if self.metrics:
             self.metrics.active_streams.set(len(self.streams))
-        if state is None:
-            return []
-        return [self._event(state, d) for d in state.decider.reset(state.clock_s)]
+        if state is not None:
+            self._outbox.extend((tag, self._event(state, d)) for d in state.decider.reset(state.clock_s))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from streamer.audio import HOP_LENGTH, N_BINS
+from streamer.audio import HOP_LENGTH, N_BINS, cqt_in_pieces
 
 MIN_FRAMES_PER_CALL = 8  # batch at least this many new frames per front-end call
 
@@ -22,7 +22,8 @@ MIN_FRAMES_PER_CALL = 8  # batch at least this many new frames per front-end cal
 class IncrementalCqt:
     """push((N,) float32 at SAMPLE_RATE) -> (frames (T, F), energy (T,)) for whatever became complete.
 
-    `energy` is the mean square of the newest HOP samples of each frame, for silence gating.
+    `energy` is the variance of the newest HOP samples of each frame, for silence gating:
+    the mean square about the block's mean, so a DC offset counts as silence, not sound.
     """
 
     def __init__(self, cqt: Callable[[np.ndarray], np.ndarray], kernel_length: int) -> None:
@@ -39,25 +40,26 @@ class IncrementalCqt:
         if n_frames < MIN_FRAMES_PER_CALL:
             return np.zeros((0, N_BINS), np.float32), np.zeros(0, np.float32)
         span = self._pending[: (n_frames - 1) * HOP_LENGTH + self.kernel_length]
-        frames = self._cqt(span)
+        frames = cqt_in_pieces(span, self.kernel_length, self._cqt)  # a long chunk in fast-sized calls
         tail = span[self.kernel_length - HOP_LENGTH :]
-        energy = np.mean(tail[: n_frames * HOP_LENGTH].reshape(n_frames, HOP_LENGTH) ** 2, axis=1)
+        energy = np.var(tail[: n_frames * HOP_LENGTH].reshape(n_frames, HOP_LENGTH), axis=1)
         self._pending = self._pending[n_frames * HOP_LENGTH :]
         self.frames_done += n_frames
         return frames, energy.astype(np.float32)
 
 
 class FrameRing:
-    """The last `capacity` frames (and their energies) of a stream, readable as one contiguous block.
+    """The last `capacity` frames (and their energies) of a stream, in a circular buffer.
 
-    Every frame is written twice, at i and i + capacity, so `latest(n)` is always a slice.
+    Reads return copies (a window is embedded after later chunks have moved the ring on),
+    so the ring itself holds each frame once: capacity x F x 4 bytes per stream.
     """
 
     def __init__(self, capacity: int, n_bins: int = N_BINS) -> None:
         self.capacity = capacity
-        self._frames = np.zeros((2 * capacity, n_bins), dtype=np.float32)
-        self._energy = np.zeros(2 * capacity, dtype=np.float32)
-        self._pos = 0
+        self._frames = np.zeros((capacity, n_bins), dtype=np.float32)
+        self._energy = np.zeros(capacity, dtype=np.float32)
+        self._pos = 0  # where the next frame goes
         self.filled = 0  # frames held, up to capacity
 
     def append(self, frames: np.ndarray, energy: np.ndarray) -> None:
@@ -66,19 +68,23 @@ class FrameRing:
             frames, energy = frames[-self.capacity :], energy[-self.capacity :]
         n, i = len(frames), self._pos
         head = min(n, self.capacity - i)  # frames that fit before the wrap
-        for offset in (0, self.capacity):
-            self._frames[offset + i : offset + i + head] = frames[:head]
-            self._frames[offset : offset + n - head] = frames[head:]
-            self._energy[offset + i : offset + i + head] = energy[:head]
-            self._energy[offset : offset + n - head] = energy[head:]
-        self._pos = (self._pos + len(frames)) % self.capacity
-        self.filled = min(self.capacity, self.filled + len(frames))
+        self._frames[i : i + head], self._frames[: n - head] = frames[:head], frames[head:]
+        self._energy[i : i + head], self._energy[: n - head] = energy[:head], energy[head:]
+        self._pos = (i + n) % self.capacity
+        self.filled = min(self.capacity, self.filled + n)
+
+    def _newest(self, n: int) -> np.ndarray:
+        assert 0 < n <= self.filled, (n, self.filled)
+        return (self._pos - n + np.arange(n)) % self.capacity
 
     def latest(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The newest n frames (n, F) and energies (n,), oldest first; n <= filled."""
-        assert 0 < n <= self.filled, (n, self.filled)
-        end = self._pos + self.capacity
-        return self._frames[end - n : end], self._energy[end - n : end]
+        """Copies of the newest n frames (n, F) and energies (n,), oldest first; n <= filled."""
+        rows = self._newest(n)
+        return self._frames[rows], self._energy[rows]
+
+    def mean_energy(self, n: int) -> float:
+        """Mean of the newest n frames' energies (silence gating without copying frames)."""
+        return float(self._energy[self._newest(n)].mean())
 
     def clear(self) -> None:
         self.filled = 0

@@ -27,6 +27,7 @@ MAX_CHANNELS = 8
 MAX_VALUE_BYTES = 8 * 1024 * 1024  # hard cap whatever max_chunk_s says
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
 MAX_CAPTURE_TS_MS = 10**13  # the year 2286: anything later is a unit mistake
+INT_HEADER_PATTERN = re.compile(rb"-?[0-9]{1,19}")  # integer header values: decimal, int64-sized
 REQUIRED_HEADERS = ("encoding", "sample_rate", "channels", "seq", "capture_ts")
 
 # Every reason a chunk can be refused; bounded, so it can label a metric.
@@ -99,10 +100,11 @@ def encode_chunk(
 
 def _int_header(headers: dict[str, bytes], name: str) -> int:
     raw = headers[name]
-    try:
-        return int(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedChunk("bad_header", f"header {name}={raw[:32]!r} is not an integer") from None
+    # Plain decimal digits only: Python's int() would also take " 7", "+7" and "1_000", which
+    # other consumers of the topic would read differently or refuse.
+    if not INT_HEADER_PATTERN.fullmatch(raw):
+        raise MalformedChunk("bad_header", f"header {name}={raw[:32]!r} is not an integer")
+    return int(raw)
 
 
 def decode_chunk(key: bytes | None, value: bytes | None, headers: Headers | None, max_chunk_s: float) -> AudioChunk:

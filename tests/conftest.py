@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from hypothesis import HealthCheck, settings
 
 from streamer.audio import SAMPLE_RATE
+
+# Fuzz tests (tests/test_fuzz.py): "ci" keeps the suite bounded and is the default; a deep
+# run is `HYPOTHESIS_PROFILE=deep python3 -m pytest tests/test_fuzz.py`. No deadline: the
+# machine is shared and a slow example is not a failure.
+settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,10 @@ def test_index_from_other_model_refused_by_serve(index_dir, tmp_path, random_che
         "serve", "--model", tmp_path / "other_model", "--index", index_dir, "--source", f"file:{tmp_path / 'x.wav'}", "--fast"
     )
     assert proc.returncode == 1 and "rebuild the index with this model" in proc.stderr
+
+
+def test_bench_runs_the_named_script_from_the_checkout():
+    result = coverwatch("bench", "streams", "--help")
+    assert result.returncode == 0 and "bench_streams.py" in result.stdout and "--naive-up-to" in result.stdout
+    result = coverwatch("bench", "kafka", "--no-such-option")
+    assert result.returncode == 1  # the script's own usage error is passed on as a failure

@@ -46,6 +46,18 @@ def test_torch_and_onnxruntime_agree(random_model_dir, random_checkpoint, second
     assert np.linalg.norm(emb_ort) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("samples", [16384, 16384 + 511, 22050 * 7 + 123])
+def test_block_matmul_cqt_equals_nnaudio_conv(samples):
+    """The front end's per-octave block product is the same transform as nnAudio's padded conv1d."""
+    front_end = CqtFrontEnd().eval()
+    audio = torch.from_numpy(melody(4, samples / 22050 + 0.01)[:samples])[None]
+    with torch.no_grad():
+        ours = front_end(audio)[0].numpy()
+        reference = torch.log(front_end.cqt(audio) + 1e-4).transpose(1, 2)[0].numpy()
+    assert ours.shape == reference.shape == ((samples - front_end.kernel_length) // 512 + 1, 84)
+    assert relative_magnitude_error(reference, ours) < CQT_TOL
+
+
 def test_batch_of_windows_equals_one_by_one(random_model_dir):
     embedder = Embedder(random_model_dir, threads=1)
     frames = embedder.cqt(melody(5, 20.0))

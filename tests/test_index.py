@@ -8,7 +8,7 @@ import soundfile
 from index_builder.build import add_to_index, build_index, index_info, segment_spans
 from index_builder.refs import RefsError, read_refs
 from index_builder.store import MANIFEST, load_index
-from streamer.artifacts import ArtifactError
+from streamer.artifacts import ArtifactError, canonical_sha256
 from streamer.audio import SAMPLE_RATE, AudioError
 from streamer.config import IndexBuildConfig
 from streamer.embedder import Embedder
@@ -83,6 +83,7 @@ def test_corrupt_index_files_are_refused(refs_csv, embedder, tmp_path):
         load_index(idx)
     manifest = json.loads((good / MANIFEST).read_text())
     manifest["vectors"] = manifest["vectors"][:-1]
+    manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")  # consistent, so the count check is what refuses it
     (good / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="FAISS holds 9 vectors but the manifest lists 8"):
         load_index(good)

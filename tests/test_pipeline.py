@@ -30,6 +30,10 @@ def feed(monitor, stream, audio, rate, chunk):
     return events
 
 
+def ended(monitor, stream):
+    return [event for _, event in monitor.end_stream(stream)]
+
+
 @pytest.mark.parametrize(
     "chunk, message",
     [
@@ -71,10 +75,10 @@ def test_silence_is_never_embedded_and_never_matches(random_monitor):
 def test_decisions_do_not_depend_on_chunking_or_input_format(random_monitor, random_model_dir, refs_csv, tmp_path):
     audio = np.concatenate([melody(2, 20.0), np.zeros(SAMPLE_RATE * 8, np.float32)])
     small = feed(random_monitor, "a", audio, SAMPLE_RATE, 1000)
-    small += random_monitor.end_stream("a")
+    small += ended(random_monitor, "a")
     other = Monitor(random_monitor.embedder, random_monitor.index, random_monitor.stream_cfg, FIXED)
     big = feed(other, "a", audio, SAMPLE_RATE, SAMPLE_RATE * 7)
-    big += other.end_stream("a")
+    big += ended(other, "a")
     key = [(e.event, e.song_id, e.stream_time_s, e.event_id) for e in small]
     assert key and key == [(e.event, e.song_id, e.stream_time_s, e.event_id) for e in big]
     # stereo 44.1 kHz input of the same audio gives the same decisions (up to resampling)
@@ -82,8 +86,45 @@ def test_decisions_do_not_depend_on_chunking_or_input_format(random_monitor, ran
 
     stereo = np.stack([soxr.resample(audio, SAMPLE_RATE, 44100)] * 2, axis=1).astype(np.float32)
     third = Monitor(random_monitor.embedder, random_monitor.index, random_monitor.stream_cfg, FIXED)
-    converted = feed(third, "a", stereo, 44100, 8820) + third.end_stream("a")
+    converted = feed(third, "a", stereo, 44100, 8820) + ended(third, "a")
     assert [(e.event, e.song_id) for e in converted] == [(e.event, e.song_id) for e in small]
+
+
+def test_batching_across_streams_gives_the_events_of_one_chunk_at_a_time(random_monitor):
+    """Interleaved chunks of four streams, decisions taken once per round of chunks (as a
+    Kafka poll batch does) or right after each chunk: the same events, in each stream's order."""
+    audio = {f"s{i}": np.concatenate([melody(1 + i % 3, 14.0 + i), np.zeros(SAMPLE_RATE * 6, np.float32)]) for i in range(4)}
+    sequential = Monitor(random_monitor.embedder, random_monitor.index, random_monitor.stream_cfg, FIXED)
+    batched = random_monitor
+    batched.batch_size = 3  # several encoder calls per length and round
+    chunk = SAMPLE_RATE  # one second
+    one_by_one, in_batches = [], []
+    longest = max(len(a) for a in audio.values())
+    for start in range(0, longest, chunk):
+        for sid, samples in audio.items():
+            if start < len(samples):
+                one_by_one += sequential.process_chunk(sid, samples[start : start + chunk], SAMPLE_RATE)
+                batched.submit(sid, samples[start : start + chunk], SAMPLE_RATE, tag=(sid, start))
+        if (start // chunk) % 4 == 3:  # four rounds of chunks per batch
+            in_batches += batched.flush()
+    in_batches += batched.flush()
+    for sid in audio:
+        one_by_one += ended(sequential, sid)
+        in_batches += batched.end_stream(sid, tag=(sid, None))
+    assert all(tag[0] == event.stream for tag, event in in_batches)  # tags follow their chunk's events
+    key = sorted((e.stream, e.stream_time_s, e.event, e.song_id, e.event_id, round(e.score, 5)) for e in one_by_one)
+    assert len(key) >= 8
+    assert key == sorted((e.stream, e.stream_time_s, e.event, e.song_id, e.event_id, round(e.score, 5)) for _, e in in_batches)
+    assert sequential.counts["decisions"] == batched.counts["decisions"]
+
+
+def test_max_pending_windows_bounds_the_queue(random_monitor):
+    small = Monitor(random_monitor.embedder, random_monitor.index, StreamConfig(windows_s=[5.0, 10.0], hop_s=2.5, max_pending_windows=4), FIXED)
+    small.submit("long", melody(2, 40.0), SAMPLE_RATE)  # one 40-s chunk: 14 decisions due
+    assert small.counts["decisions"] >= 12
+    assert small._pending_windows < 4
+    reference = feed(Monitor(random_monitor.embedder, random_monitor.index, small.stream_cfg, FIXED), "long", melody(2, 40.0), SAMPLE_RATE, 2205)
+    assert [e.event_id for _, e in small.flush()] == [e.event_id for e in reference]
 
 
 def test_thresholds_from_calibration_unless_configured():
@@ -109,7 +150,7 @@ def test_default_model_finds_a_synthetic_cover(refs_csv, tmp_path):
     monitor = Monitor(embedder, store, StreamConfig(), DecisionConfig())
     cover = melody(1, 30.0, transpose=3, tempo=1.1, harmonics=6)
     stream = np.concatenate([np.zeros(SAMPLE_RATE * 5, np.float32), cover, melody(42, 30.0)])
-    events = feed(monitor, "radio", stream, SAMPLE_RATE, 11025) + monitor.end_stream("radio")
+    events = feed(monitor, "radio", stream, SAMPLE_RATE, 11025) + ended(monitor, "radio")
     starts = [(e.song_id, e.stream_time_s) for e in events if e.event == "match_start"]
     assert starts and starts[0][0] == "song1" and 5.0 <= starts[0][1] <= 40.0
     assert all(song == "song1" for song, _ in starts)

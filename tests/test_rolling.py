@@ -34,21 +34,25 @@ def test_streaming_frames_equal_offline(random_model_dir, chunk):
     assert diff < STREAM_TOL
     energy = np.concatenate(energies)
     t = 5
-    expected = np.mean(audio[t * HOP_LENGTH + embedder.kernel_length - HOP_LENGTH : t * HOP_LENGTH + embedder.kernel_length] ** 2)
+    expected = np.var(audio[t * HOP_LENGTH + embedder.kernel_length - HOP_LENGTH : t * HOP_LENGTH + embedder.kernel_length])
     assert energy[t] == pytest.approx(expected, rel=1e-4)
 
 
-def test_ring_latest_is_contiguous_newest_frames():
+def test_ring_latest_returns_copies_of_the_newest_frames():
     ring = FrameRing(capacity=10, n_bins=2)
     seen = []
     for size in [3, 4, 7, 1, 12, 5]:
         block = np.arange(len(seen), len(seen) + size, dtype=np.float32)
         seen.extend(block)
         ring.append(np.stack([block, block], axis=1), block)
-        n = min(10, len(seen))
-        frames, energy = ring.latest(n)
-        assert frames[:, 0].tolist() == seen[-n:] and energy.tolist() == seen[-n:]
+        for n in range(1, min(10, len(seen)) + 1):
+            frames, energy = ring.latest(n)
+            assert frames[:, 0].tolist() == seen[-n:] and energy.tolist() == seen[-n:]
+            assert ring.mean_energy(n) == pytest.approx(np.mean(seen[-n:]))
     assert ring.filled == 10
+    frames, _ = ring.latest(4)
+    ring.append(np.full((3, 2), -1.0, np.float32), np.full(3, -1.0, np.float32))
+    assert frames[:, 0].tolist() == seen[-4:]  # a window read earlier is not overwritten by later frames
 
 
 def test_stream_resampler_matches_across_chunkings():

@@ -1,0 +1,158 @@
+"""Calibration: the extreme-value model on synthetic score distributions, the per-hop
+statistics on hand-made hops, threshold resolution, and `coverwatch calibrate` / `index add`
+on a real index."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+
+from index_builder.calibrate import (
+    SECONDS_PER_DAY,
+    Gumbel,
+    block_maxima,
+    false_alarms_per_day,
+    fit_gumbel,
+    leaders,
+    needs_recalibration,
+    p_value,
+    run_statistic,
+    thresholds_for_rate,
+)
+from streamer.audio import SAMPLE_RATE
+from streamer.config import DecisionConfig
+from streamer.pipeline import resolve_thresholds
+from tests.conftest import coverwatch, melody, tune
+
+
+def test_gumbel_fit_recovers_parameters():
+    maxima = np.random.default_rng(0).gumbel(0.4, 0.03, size=5000)
+    g = fit_gumbel(maxima)
+    assert g.loc == pytest.approx(0.4, abs=0.003) and g.scale == pytest.approx(0.03, rel=0.05)
+    assert g.sf(g.isf(1e-4)) == pytest.approx(1e-4, rel=1e-6)
+
+
+def synthetic_hops(rng: np.random.Generator, n_hops: int, n_songs: int) -> np.ndarray:
+    """Per-hop top score of unrelated audio: the max over songs of N(0.3, 0.05), smoothed
+    over neighbouring hops as overlapping windows are (so hops are not independent)."""
+    per_song = rng.normal(0.3, 0.05, size=(n_hops + 3, n_songs)).max(axis=1)
+    return np.convolve(per_song, np.ones(4) / 4, mode="valid")[:n_hops]
+
+
+def test_calibrated_rate_holds_on_fresh_synthetic_audio():
+    """Fit on 500 h of synthetic hops, then count threshold crossings on 500 fresh hours."""
+    hop_s, block_s, target = 2.5, 60.0, 100.0  # a rate high enough to count
+    rng = np.random.default_rng(1)
+    hops = int(500 * 3600 / hop_s)
+    stat = run_statistic(np.zeros(hops, np.int64), synthetic_hops(rng, hops, 20), start_hops=2)
+    maxima, n_blocks = block_maxima(stat, int(block_s / hop_s))
+    fit = thresholds_for_rate(maxima, n_blocks, block_s, target)
+    fresh = run_statistic(np.zeros(hops, np.int64), synthetic_hops(rng, hops, 20), start_hops=2)
+    above = fresh >= fit["start_threshold"]
+    crossings = int(above[0]) + int(np.count_nonzero(above[1:] & ~above[:-1]))
+    per_day = crossings / (hops * hop_s / SECONDS_PER_DAY)
+    assert target / 2 < per_day < target * 2, (per_day, fit)
+    assert fit["end_threshold"] < fit["start_threshold"]
+
+
+def test_threshold_grows_with_catalog_size_and_with_stricter_targets():
+    rng = np.random.default_rng(2)
+    fits = {}
+    for n_songs in (10, 1000):
+        stat = synthetic_hops(rng, 20000, n_songs)
+        maxima, n_blocks = block_maxima(stat, 24)
+        fits[n_songs] = {t: thresholds_for_rate(maxima, n_blocks, 60.0, t)["start_threshold"] for t in (10.0, 1.0, 0.1)}
+    assert fits[1000][1.0] > fits[10][1.0] + 0.05  # the maximum over more songs is higher
+    assert fits[10][10.0] < fits[10][1.0] < fits[10][0.1]
+
+
+def test_too_little_audio_is_refused():
+    with pytest.raises(ValueError, match="usable"):
+        thresholds_for_rate(np.array([0.5, 0.6, 0.55]), 3, 60.0, 1.0)
+
+
+def test_run_statistic_needs_one_song_leading_start_hops():
+    songs = np.array([1, 1, 2, 2, 2, -1, 3])
+    scores = np.array([0.5, 0.7, 0.9, 0.6, 0.8, -np.inf, 0.9])
+    out = run_statistic(songs, scores, start_hops=2)
+    assert out.tolist() == [-np.inf, 0.5, -np.inf, 0.6, 0.6, -np.inf, -np.inf]
+    assert run_statistic(songs, scores, start_hops=1).tolist() == scores.tolist()
+
+
+def test_block_maxima_skip_blocks_without_a_candidate():
+    stat = np.array([0.1, 0.4, -np.inf, -np.inf, 0.3, 0.2, 0.9])  # the last, partial block is dropped
+    maxima, n_blocks = block_maxima(stat, 2)
+    assert maxima.tolist() == [0.4, 0.3] and n_blocks == 3
+
+
+def test_leaders_pick_top_song_per_hop():
+    songs, scores = leaders([{3: 0.5, 1: 0.7}, {}, {2: 0.4}])
+    assert songs.tolist() == [1, -1, 2] and scores.tolist() == [0.7, -np.inf, 0.4]
+
+
+def calibration(start: float = 0.62, end: float = 0.5) -> dict:
+    stream = {"gumbel_loc": 0.45, "gumbel_scale": 0.03, "block_s": 60.0, "usable_share": 1.0, "n_songs": 100}
+    return {"start_threshold": 0.9, "end_threshold": 0.8, "stream": {**stream, "start_threshold": start, "end_threshold": end}}
+
+
+def test_p_value_and_rate_follow_the_fit():
+    cal = calibration()
+    assert p_value(cal, 0.7) < p_value(cal, 0.6) < p_value(cal, 0.5) < 1.0
+    assert p_value({"start_threshold": 0.9}, 0.7) is None
+    assert false_alarms_per_day(cal, 0.6) == pytest.approx(1440 * Gumbel(0.45, 0.03).sf(0.6))
+
+
+def test_thresholds_prefer_config_then_stream_then_impostor_calibration():
+    assert resolve_thresholds(DecisionConfig(start_threshold=0.7, end_threshold=0.6), calibration()).source == "config"
+    t = resolve_thresholds(DecisionConfig(), calibration())
+    assert (t.start, t.end, t.source) == (0.62, 0.5, "stream calibration")
+    t = resolve_thresholds(DecisionConfig(start_threshold=0.55), calibration())
+    assert (t.start, t.end) == (0.55, 0.5)
+    t = resolve_thresholds(DecisionConfig(), {"start_threshold": 0.9, "end_threshold": 0.8})
+    assert (t.start, t.source) == (0.9, "index calibration")
+
+
+def test_recalibration_when_catalog_size_moves():
+    cal = calibration()
+    assert not needs_recalibration(cal, 120, 0.25)
+    assert needs_recalibration(cal, 130, 0.25) and needs_recalibration(cal, 70, 0.25)
+    assert not needs_recalibration({"start_threshold": 0.9}, 1000, 0.25)
+
+
+def test_calibrate_cli_stores_thresholds_and_index_add_recalibrates(index_dir, random_model_dir, tmp_path):
+    config = tmp_path / "cal.toml"
+    config.write_text("[index_build]\ncalibration_block_s = 5.0\ntarget_false_alarms_per_day = 2.0\n")
+    audio = []
+    for seed in (50, 51):  # unrelated to the catalog's songs 0-2
+        audio.append(tmp_path / f"outside{seed}.wav")
+        soundfile.write(audio[-1], np.concatenate([melody(seed, 20.0), tune(seed, 20.0)]), SAMPLE_RATE)
+    proc = coverwatch("--config", config, "calibrate", index_dir, "--model", random_model_dir, "--audio", *audio, check=True)
+    stream = json.loads(proc.stdout)["stream"]
+    assert stream["n_songs"] == 3 and stream["audio_s"] == pytest.approx(80.0, abs=0.1) and stream["block_s"] == 5.0
+    assert stream["end_threshold"] <= stream["start_threshold"]
+    assert false_alarms_per_day({"stream": stream}, stream["start_threshold"]) == pytest.approx(2.0, rel=1e-6)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    assert manifest["calibration"]["stream"]["start_threshold"] == stream["start_threshold"]
+    assert "impostor_median" in manifest["calibration"]  # the build-time calibration stays
+
+    soundfile.write(tmp_path / "song9.wav", tune(9, 30.0), SAMPLE_RATE)  # 3 -> 4 songs: +33 % > recalibrate_growth
+    (tmp_path / "more.csv").write_text("song_id,title,path\nsong9,Song 9,song9.wav\n")
+    proc = coverwatch(
+        "--config", config, "index", "add", index_dir, "--model", random_model_dir, "--refs", tmp_path / "more.csv", check=True
+    )
+    assert json.loads(proc.stdout)["calibration"]["stream"]["n_songs"] == 4
+    assert "re-running the stream calibration" in proc.stderr
+
+    for path in audio:
+        path.unlink()
+    soundfile.write(tmp_path / "song8.wav", tune(8, 30.0), SAMPLE_RATE)
+    soundfile.write(tmp_path / "song7.wav", tune(7, 30.0), SAMPLE_RATE)
+    (tmp_path / "more2.csv").write_text("song_id,title,path\nsong8,Song 8,song8.wav\nsong7,Song 7,song7.wav\n")
+    proc = coverwatch(
+        "--config", config, "index", "add", index_dir, "--model", random_model_dir, "--refs", tmp_path / "more2.csv", check=True
+    )
+    assert json.loads(proc.stdout)["calibration"]["stream"]["n_songs"] == 4  # audio gone: kept, with a warning
+    assert "thresholds are stale" in proc.stderr
