@@ -143,13 +143,21 @@ def embed_excerpt(embedder: Embedder, path: Path, seconds: float, rng: np.random
     return embedder.embed(frames[None].astype(np.float32))[0]
 
 
+def real_cache(model_hash: str, n_groups: int, query_s: float) -> Path:
+    return CACHE / f"real-{model_hash}-{n_groups}-{query_s:g}.npz"
+
+
+def load_real(cache: Path) -> RealSet:
+    z = np.load(cache)
+    lengths = z["ref_lengths"]
+    return RealSet(np.split(z["ref_flat"], np.cumsum(lengths)[:-1]), z["queries"], z["query_song"], *z["timing"])
+
+
 def real_set(covers: Path, n_groups: int, query_s: float, embedder: Embedder) -> RealSet:
     """Embed references (through build_index, timed) and cover queries; cached on disk."""
-    cache = CACHE / f"real-{embedder.info.model_hash}-{n_groups}-{query_s:g}.npz"
+    cache = real_cache(embedder.info.model_hash, n_groups, query_s)
     if cache.exists():
-        z = np.load(cache)
-        lengths = z["ref_lengths"]
-        return RealSet(np.split(z["ref_flat"], np.cumsum(lengths)[:-1]), z["queries"], z["query_song"], *z["timing"])
+        return load_real(cache)
     groups = val_groups(covers, n_groups)
     refs = [Reference(g[0]["group_id"], g[0]["title"], covers / g[0]["path"]) for g in groups]
     audio_s = sum(soundfile.info(str(r.path)).duration for r in refs)
@@ -506,10 +514,11 @@ def plot_recall_latency(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, n in zip(axes[0], sizes):
         for r in [r for r in rows if r["songs"] == n]:
+            colour = f"C{INDEX_TYPES.index(r['type'])}"  # one colour per type across the panels
             if r["sweep"]:
-                ax.plot([s["batched_ms"] for s in r["sweep"]], [s["recall"] for s in r["sweep"]], "o-", ms=3, label=r["type"])
+                ax.plot([s["batched_ms"] for s in r["sweep"]], [s["recall"] for s in r["sweep"]], "o-", ms=3, color=colour, label=r["type"])
             else:
-                ax.plot([r["batched_ms"]], [r["recall10"]], "s", label=r["type"])
+                ax.plot([r["batched_ms"]], [r["recall10"]], "s", color=colour, label=r["type"])
         ax.axhline(0.95, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_xlabel("ms per query (batched search, 2 threads)")
@@ -553,6 +562,37 @@ def fmt_params(spec: dict) -> str:
     return f"`{spec['factory']}` {' '.join(p for p in parts if p)}".strip()
 
 
+def extrapolate_1m(rows: list[dict], catalogs: list[dict]) -> list[str]:
+    """Lines judging the 1M-song targets by linear scaling of the largest size run (when 1M was not run)."""
+    if any(c["songs"] >= 1_000_000 for c in catalogs):
+        return []
+    top = max(c["songs"] for c in catalogs)
+    scale = 1_000_000 * SEGMENTS_PER_SONG / max(r["vectors"] for r in rows if r["songs"] == top)
+    lines = [
+        "",
+        f"### 1M songs: not run; linear extrapolation from {top:,} songs (x{scale:.1f} vectors, same share of lists scanned)",
+        "",
+        (
+            "The 1M sweep (`--sizes 1000000`) did not fit the session on the shared cores. Targets: < 5 ms per query, "
+            "recall@10 >= 0.95, < 8 GiB. Memory and IVF scan cost grow linearly with the vectors at a fixed share of lists scanned:"
+        ),
+        "",
+        "| type | file GiB | single ms p50 | recall@10 measured | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for r in [r for r in rows if r["songs"] == top]:
+        gib, ms = r["file_gib"] * scale, r["single_ms_p50"] * scale
+        misses = [
+            f"memory {gib / 8:.1f}x over" if gib > 8 else "",
+            f"latency {ms / 5:.0f}x over" if ms > 5 else "",
+            f"recall {r['recall10']:.2f}" if r["recall10"] < 0.95 else "",
+        ]
+        lines.append(
+            f"| {r['type']} | {gib:.1f} | {ms:.0f} | {r['recall10']:.3f} | {', '.join(m for m in misses if m) or 'meets all three'} |"
+        )
+    return lines
+
+
 def to_markdown(ctx: dict, rows: list[dict], catalogs: list[dict], resemblance: dict) -> str:
     real = ctx["real"]
     speed = real["audio_s"] / real["build_cpu_s"]
@@ -560,7 +600,7 @@ def to_markdown(ctx: dict, rows: list[dict], catalogs: list[dict], resemblance: 
         SECTION,
         "",
         (
-            f"Date: {ctx['date']} · machine: {ctx['machine']} · FAISS {faiss.__version__}, {ctx['threads']} OpenMP threads · "
+            f"Date: {ctx['date']} · model {ctx['model_hash']} · machine: {ctx['machine']} · FAISS {faiss.__version__}, {ctx['threads']} OpenMP threads · "
             f"load average at start {ctx['load_start']} and end {ctx['load_end']} (other jobs shared the 2 cores, so wall times are pessimistic) · "
             f"command: `{ctx['command']}` · total {ctx['total_wall_s'] / 60:.1f} min wall, {ctx['total_cpu_s'] / 60:.1f} min CPU"
         ),
@@ -617,6 +657,7 @@ def to_markdown(ctx: dict, rows: list[dict], catalogs: list[dict], resemblance: 
         if SKIPPED.get(c["songs"]):
             lines += ["", f"Not built at {c['songs']:,} songs:", ""]
             lines += [f"* {t}: {why}" for t, why in SKIPPED[c["songs"]].items()]
+    lines += extrapolate_1m(rows, catalogs)
     lines += [
         "",
         "### Search-parameter sweeps (plot: `index_recall_latency.png`)",
@@ -666,14 +707,17 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     load_start = os.getloadavg()
     wall0, cpu0 = time.perf_counter(), cpu_s()
-    embedder = Embedder(DEFAULT_MODEL_DIR, args.threads)
-    real = real_set(args.covers, args.groups, args.query_s, embedder)
+    if args.report_only:  # the real embeddings of the model the last run measured
+        last = json.loads((CACHE / "last_rows.json").read_text())
+        real = load_real(real_cache(last["ctx"]["model_hash"], args.groups, args.query_s))
+    else:
+        embedder = Embedder(DEFAULT_MODEL_DIR, args.threads)
+        real = real_set(args.covers, args.groups, args.query_s, embedder)
     dist = Distractors.fit(real.ref_vectors)
     resemblance = score_resemblance(real, dist)
     for name, x in resemblance.items():
         log.info("%-40s p5/p50/p95/max %s", name, quantiles(x))
     if args.report_only:
-        last = json.loads((CACHE / "last_rows.json").read_text())
         write_report(last["ctx"], last["rows"], last["catalogs"], resemblance, args.no_write)
         return
     rows, catalogs = [], []
@@ -684,11 +728,12 @@ def main() -> None:
             rows += size_rows
             catalogs.append(catalog)
             # reported after every size, so a long run that is stopped still leaves what it measured
-            report(args, real, resemblance, rows, catalogs, load_start, wall0, cpu0)
+            report(args, embedder.info.model_hash, real, resemblance, rows, catalogs, load_start, wall0, cpu0)
 
 
 def report(
     args: argparse.Namespace,
+    model_hash: str,
     real: RealSet,
     resemblance: dict,
     rows: list[dict],
@@ -702,6 +747,7 @@ def report(
         "date": datetime.date.today().isoformat(),
         "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
         "threads": args.threads,
+        "model_hash": model_hash,
         "load_start": " ".join(f"{x:.1f}" for x in load_start),
         "load_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "command": "python " + " ".join(["bench/bench_index.py", *sys.argv[1:]]),

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import soundfile
 import soxr
@@ -40,6 +41,7 @@ def run(workdir: Path, chunk_s: float, rate: int, threads: int) -> dict:
     index_dir = ensure_demo_index(workdir, cfg)
     embedder = Embedder(DEFAULT_MODEL_DIR, threads)
     monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision)
+    faiss.omp_set_num_threads(cfg.index.threads)  # as the daemon does
     audio, source_rate = soundfile.read(workdir / "stream.wav", dtype="float32")
     if rate != source_rate:  # feed at a typical capture rate so resampling is measured too
         audio = soxr.resample(audio, source_rate, rate).astype(np.float32)

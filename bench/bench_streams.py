@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--naive-up-to", type=int, default=50)
     parser.add_argument("--timed-s", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=None, help="override [model] batch_size")
+    parser.add_argument("--threads", type=int, default=None, help="override [model] threads (onnxruntime intra-op)")
     parser.add_argument("--hop-s", type=float, default=None, help="override [stream] hop_s (the issue's target is stated for 5 s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
@@ -287,6 +288,8 @@ def main() -> None:
     cfg = Config()
     if args.batch_size:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, batch_size=args.batch_size))
+    if args.threads:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, threads=args.threads))
     if args.hop_s:
         cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, hop_s=args.hop_s))
     ensure_demo_data(args.workdir)

@@ -41,7 +41,7 @@ class AudioError(ValueError):
     """Audio that cannot be used: unreadable, empty, or with an impossible format."""
 
 
-PIECE_FRAMES = 128  # frames per front-end call (~3 s): the block-matmul CQT is fastest per frame up to ~128 (bench/RESULTS.md)
+PIECE_FRAMES = 256  # frames per front-end call (~6 s): the block-matmul CQT costs least per frame at 128-1024 (14-17 us/frame)
 
 
 def cqt_in_pieces(

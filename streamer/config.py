@@ -38,7 +38,7 @@ def _f(default: Any, lo: float | None = None, hi: float | None = None, choices: 
 class ModelConfig:
     path: str = _f("")  # folder with cqt.onnx, encoder.onnx, model.json; "" = the bundled default
     threads: int = _f(2, 1, 256)  # onnxruntime intra-op threads
-    batch_size: int = _f(32, 1, 1024)  # windows of one length per encoder call
+    batch_size: int = _f(8, 1, 1024)  # windows of one length per encoder call (8 measured best, bench/RESULTS.md)
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from streamer.audio import N_BINS, cqt_in_pieces
 
 log = logging.getLogger(__name__)
 
+DENORMAL_FLOOR = np.float32(1e-30)  # |sample| below this (-600 dBFS) is set to 0 before the CQT
+
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Denormal input (a fading or dithered stream) slows the CQT ~18x unless flushed to zero.
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
@@ -51,6 +51,10 @@ class Embedder:
         """(N,) float32 at SAMPLE_RATE, N >= kernel_length -> (T, F) log-CQT frames."""
         assert waveform.ndim == 1 and waveform.dtype == np.float32, (waveform.shape, waveform.dtype)
         assert len(waveform) >= self.kernel_length, f"need >= {self.kernel_length} samples, got {len(waveform)}"
+        # Denormal samples (a fade's tail, a dithered silence) slow the CQT ~18x; they are far
+        # below hearing, so they become 0. (onnxruntime's set_denormal_as_zero would instead
+        # flip the whole process's FPU flags.)
+        waveform = np.where(np.abs(waveform) < DENORMAL_FLOOR, np.float32(0.0), waveform)
         return self._cqt.run(None, {"waveform": waveform[None]})[0][0]
 
     def embed(self, frames: np.ndarray) -> np.ndarray:

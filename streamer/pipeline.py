@@ -35,7 +35,7 @@ from streamer.decode import MAX_ABS_SAMPLE, StreamResampler, to_mono
 from streamer.embedder import Embedder
 from streamer.events import MatchEvent, make_event_id, utc_now_iso
 from streamer.metrics import Metrics
-from streamer.rolling import FrameRing, IncrementalCqt
+from streamer.rolling import MIN_FRAMES_PER_CALL, FrameRing, IncrementalCqt
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Monitor:
         self.streams: dict[str, StreamState] = {}
         self.times = StageTimes(observer=metrics.observe_stage if metrics else None)
         self.counts: Counter = Counter()
-        self.batch_size = 32  # windows per encoder call; Server sets [model] batch_size
+        self.batch_size = 8  # windows per encoder call; Server sets [model] batch_size
         self._pending: list[PendingDecision] = []
         self._pending_windows = 0
         self._outbox: list[tuple[object, MatchEvent]] = []
@@ -248,7 +248,7 @@ class Monitor:
         mono = state.resampler.process(to_mono(samples))
         state.samples_in += len(mono)
         now = self.times.add("resample", started)
-        frames, energy = state.cqt.push(mono)
+        frames, energy = state.cqt.push(mono, min_frames=max(MIN_FRAMES_PER_CALL, state.next_decision_frame - state.cqt.frames_done))
         self.times.add("cqt", now)
         self.counts["chunks"] += 1
         self._advance(state, frames, energy, tag)

@@ -32,12 +32,14 @@ class IncrementalCqt:
         self._pending = np.zeros(0, dtype=np.float32)  # samples from the next frame's start on
         self.frames_done = 0
 
-    def push(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def push(self, samples: np.ndarray, min_frames: int = MIN_FRAMES_PER_CALL) -> tuple[np.ndarray, np.ndarray]:
+        """Frames are computed once at least `min_frames` are complete (the daemon asks for the
+        frames up to its next decision: fewer, longer front-end calls, each cheaper per frame)."""
         assert samples.ndim == 1
         self._pending = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
         available = len(self._pending) - self.kernel_length
         n_frames = available // HOP_LENGTH + 1 if available >= 0 else 0
-        if n_frames < MIN_FRAMES_PER_CALL:
+        if n_frames < max(1, min_frames):
             return np.zeros((0, N_BINS), np.float32), np.zeros(0, np.float32)
         span = self._pending[: (n_frames - 1) * HOP_LENGTH + self.kernel_length]
         frames = cqt_in_pieces(span, self.kernel_length, self._cqt)  # a long chunk in fast-sized calls

@@ -28,7 +28,7 @@ def test_all_problems_reported_at_once_with_suggestions():
         ({"stream": {"hop_s": "fast"}}, "stream.hop_s: expected float"),
         ({"sinks": {"stdout": 1}}, "sinks.stdout: expected bool"),
         ({"decision": {"start_hops": True}}, "decision.start_hops: expected int"),
-        ({"index_build": {"index_type": "lsh"}}, "not one of 'flat', 'ivf', 'hnsw'"),
+        ({"index_build": {"index_type": "lsh"}}, "not one of 'auto', 'flat', 'hnsw', 'ivf'"),
         ({"stream": {"windows_s": [20.0, 10.0]}}, "strictly increasing"),
         ({"decision": {"start_threshold": 0.5, "end_threshold": 0.7}}, "hysteresis"),
         ({"stream": 3}, "expected a [stream] table"),
