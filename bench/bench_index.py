@@ -702,6 +702,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch for index files (default: a temp dir)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plots alone")
     parser.add_argument("--report-only", action="store_true", help="re-render the last run's measurements (after editing index_types)")
+    parser.add_argument("--keep-other-sizes", action="store_true", help="report the last run's rows for sizes not measured now beside the new ones")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     faiss.omp_set_num_threads(args.threads)
@@ -721,6 +722,11 @@ def main() -> None:
         write_report(last["ctx"], last["rows"], last["catalogs"], resemblance, args.no_write)
         return
     rows, catalogs = [], []
+    if args.keep_other_sizes and (CACHE / "last_rows.json").exists():  # e.g. add the 1M run to an earlier 10k/100k one
+        last = json.loads((CACHE / "last_rows.json").read_text())
+        rows = [r for r in last["rows"] if r["songs"] not in args.sizes]
+        catalogs = [c for c in last["catalogs"] if c["songs"] not in args.sizes]
+        log.info("keeping the last run's rows for %s songs (measured %s, model %s)", sorted({r["songs"] for r in rows}), last["ctx"]["date"], last["ctx"]["model_hash"])
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in args.sizes:
             types = tuple(t for t in PLAN.get(n, INDEX_TYPES) if args.types is None or t in args.types)
