@@ -40,7 +40,7 @@ def run(workdir: Path, chunk_s: float, rate: int, threads: int) -> dict:
     ensure_demo_data(workdir)
     index_dir = ensure_demo_index(workdir, cfg)
     embedder = Embedder(DEFAULT_MODEL_DIR, threads)
-    monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision)
+    monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision, batch_size=cfg.model.batch_size)
     faiss.omp_set_num_threads(cfg.index.threads)  # as the daemon does
     audio, source_rate = soundfile.read(workdir / "stream.wav", dtype="float32")
     if rate != source_rate:  # feed at a typical capture rate so resampling is measured too

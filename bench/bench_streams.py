@@ -295,8 +295,7 @@ def main() -> None:
     ensure_demo_data(args.workdir)
     index_dir = ensure_demo_index(args.workdir, cfg)
     embedder = Embedder(DEFAULT_MODEL_DIR, cfg.model.threads)
-    monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision)
-    monitor.batch_size = cfg.model.batch_size
+    monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision, batch_size=cfg.model.batch_size)
     import faiss
 
     faiss.omp_set_num_threads(cfg.index.threads)

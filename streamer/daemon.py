@@ -61,8 +61,7 @@ class Server:
         if not cfg.index.path:
             raise ValueError("no index configured: set [index] path in the config or pass --index")
         self.index = self._load_index()
-        self.monitor = Monitor(self.embedder, self.index, cfg.stream, cfg.decision, self.metrics)
-        self.monitor.batch_size = cfg.model.batch_size
+        self.monitor = Monitor(self.embedder, self.index, cfg.stream, cfg.decision, self.metrics, batch_size=cfg.model.batch_size)
         faiss.omp_set_num_threads(cfg.index.threads)
         self.is_kafka = source_spec == "kafka"
         if self.is_kafka:

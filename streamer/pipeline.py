@@ -29,7 +29,7 @@ import numpy as np
 from index_builder.calibrate import p_value
 from index_builder.store import IndexStore
 from streamer.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, seconds_to_frames
-from streamer.config import DecisionConfig, StreamConfig
+from streamer.config import DecisionConfig, ModelConfig, StreamConfig
 from streamer.decision import Decision, Hysteresis
 from streamer.decode import MAX_ABS_SAMPLE, StreamResampler, to_mono
 from streamer.embedder import Embedder
@@ -116,7 +116,13 @@ class PendingDecision:
 
 class Monitor:
     def __init__(
-        self, embedder: Embedder, index: IndexStore, stream_cfg: StreamConfig, decision_cfg: DecisionConfig, metrics: Metrics | None = None
+        self,
+        embedder: Embedder,
+        index: IndexStore,
+        stream_cfg: StreamConfig,
+        decision_cfg: DecisionConfig,
+        metrics: Metrics | None = None,
+        batch_size: int = ModelConfig().batch_size,
     ) -> None:
         self.embedder = embedder
         self.metrics = metrics
@@ -129,7 +135,7 @@ class Monitor:
         self.streams: dict[str, StreamState] = {}
         self.times = StageTimes(observer=metrics.observe_stage if metrics else None)
         self.counts: Counter = Counter()
-        self.batch_size = 8  # windows per encoder call; Server sets [model] batch_size
+        self.batch_size = batch_size  # windows of one length per encoder call ([model] batch_size)
         self._pending: list[PendingDecision] = []
         self._pending_windows = 0
         self._outbox: list[tuple[object, MatchEvent]] = []
@@ -304,11 +310,10 @@ class Monitor:
                 part = items[first : first + self.batch_size]
                 vectors.append(self.embedder.embed(np.stack([window for _, window in part])))
                 owners.extend(owner for owner, _ in part)
-        if owners:  # all-silent hops embed and search nothing
-            now = self.times.add("embed", started)
-            queries = np.concatenate(vectors)
-        scores = self.index.best_per_song_grouped(queries if owners else vectors[0], np.asarray(owners, dtype=np.int64), len(pending), self.stream_cfg.top_k)
-        now = self.times.add("search", now) if owners else started
+        queries = np.concatenate(vectors)
+        now = self.times.add("embed", started) if owners else started  # all-silent hops embed and search nothing
+        scores = self.index.best_per_song_grouped(queries, np.asarray(owners, dtype=np.int64), len(pending), self.stream_cfg.top_k)
+        now = self.times.add("search", now) if owners else now
         for decision, song_scores in zip(pending, scores):
             for made in decision.state.decider.update(song_scores, decision.time_s):
                 self._outbox.append((decision.tag, self._event(decision.state, made)))
