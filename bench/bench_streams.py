@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="override [model] batch_size")
     parser.add_argument("--threads", type=int, default=None, help="override [model] threads (onnxruntime intra-op)")
     parser.add_argument("--hop-s", type=float, default=None, help="override [stream] hop_s (the issue's target is stated for 5 s)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
     args = parser.parse_args()
     load = os.getloadavg()
     cfg = Config()
@@ -314,7 +314,8 @@ def main() -> None:
             runs.append(run_naive(monitor, cfg, audio, n, warm_s, args.timed_s))
             print(f"N={n:4d} naive     RT {runs[-1].rtf:7.1f}x", flush=True)
     plot_path = Path(__file__).with_name(PLOT_PATTERN.format(hop=cfg.stream.hop_s))
-    plot(runs, plot_path)
+    if not args.no_write:
+        plot(runs, plot_path)
     section = f"{SECTION_PREFIX}, hop {cfg.stream.hop_s:g} s)"
     markdown = to_markdown(section, runs, cfg, "python bench/bench_streams.py " + " ".join(sys.argv[1:]), load, args.timed_s, peak_rss_bytes() / 2**30, plot_path.name)
     print(markdown)
