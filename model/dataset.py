@@ -219,6 +219,18 @@ def _run_jobs(jobs: Sequence[_Job], desc: str, workers: int = RENDER_WORKERS) ->
         return list(tqdm(pool.imap_unordered(_render_job, jobs), total=len(jobs), desc=desc, unit="file"))
 
 
+def render_missing(jobs: Sequence[_Job], desc: str) -> tuple[int, set[Path]]:
+    """Render the jobs whose file is not there yet (a rerun resumes); return how many were
+    attempted and the paths that failed (logged and skipped)."""
+    pending = [job for job in jobs if not is_readable_audio(job.path)]
+    failed = set()
+    for job, _, error in _run_jobs(pending, desc=desc):
+        if error:
+            log.warning("render failed, skipped: %s: %s", job.path, error)
+            failed.add(job.path)
+    return len(pending), failed
+
+
 def build_cover_dataset(
     out_dir: Path,
     n_groups: int,
@@ -290,12 +302,7 @@ def build_cover_dataset(
             )
             degrade_seed = int.from_bytes(_digest("degrade-seed", seed, tune.tune_id, version)[:4], "big")
             jobs.append(_Job(tune, arrangement, max_seconds, out_dir / relative, chain, degrade_seed))
-    pending = [job for job in jobs if not is_readable_audio(job.path)]
-    failed = set()
-    for job, _, error in _run_jobs(pending, desc="render"):
-        if error:
-            log.warning("render failed, skipped: %s: %s", job.path, error)
-            failed.add(job.path)
+    attempted, failed = render_missing(jobs, desc="render")
     rows = sorted((row for row in rows if out_dir / row.path not in failed), key=lambda r: (r.group_id, r.version))
     manifest = out_dir / "manifest.csv"
     if degrade_fraction > 0:
@@ -307,7 +314,7 @@ def build_cover_dataset(
     log.info(
         "dataset %s: %d groups (%s), %d files: %d rendered, %d reused, %d failed",
         out_dir, len(jobs) // versions_per_group, dict(splits), len(rows),
-        len(pending) - len(failed), len(jobs) - len(pending), len(failed),
+        attempted - len(failed), len(jobs) - attempted, len(failed),
     )  # fmt: skip
     return manifest
 

@@ -45,13 +45,12 @@ from model.dataset import (
     _csv_text,
     _Job,
     _rng,
-    _run_jobs,
     _unit_hash,
     _with_repeats,
     group_id_of,
     is_demo_family,
-    is_readable_audio,
     read_manifest,
+    render_missing,
 )
 from model.render import (
     DEFAULT_COLLECTIONS,
@@ -292,17 +291,12 @@ def build_variant_dataset(
                     arrangement.transpose, arrangement.tempo_bpm, arrangement.program, arrangement.accompaniment)
             )  # fmt: skip
             jobs.append(_Job(tune, arrangement, VARIANT_MAX_SECONDS, out_dir / relative))
-    pending = [job for job in jobs if not is_readable_audio(job.path)]
-    failed = set()
-    for job, _, error in _run_jobs(pending, desc="render variants"):
-        if error:
-            log.warning("render failed, skipped: %s: %s", job.path, error)
-            failed.add(job.path)
+    attempted, failed = render_missing(jobs, desc="render variants")
     kept = [row for row in rows if out_dir / row.path not in failed]
     sizes = Counter(row.group_id for row in kept)
     kept = sorted((row for row in kept if sizes[row.group_id] >= 2), key=lambda r: (r.group_id, r.version))
     manifest = out_dir / "manifest.csv"
     write_text_atomic(manifest, _csv_text(MANIFEST_COLUMNS, [dataclasses.astuple(row) for row in kept]))
-    n_groups, rendered = len({row.group_id for row in kept}), len(pending) - len(failed)
+    n_groups, rendered = len({row.group_id for row in kept}), attempted - len(failed)
     log.info("variant dataset %s: %d groups, %d files (%d rendered, %d failed)", out_dir, n_groups, len(kept), rendered, len(failed))
     return manifest
