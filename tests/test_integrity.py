@@ -231,17 +231,21 @@ def test_index_build_killed_mid_write_leaves_old_or_new_index(random_model_dir, 
         shutil.copytree(index_dir, work)
         proc = subprocess.Popen([*args, str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         killed = _kill_when(proc, work, seen)
+        left_behind = _names(work)
         songs = len(load_index(work).songs)  # never a half-written index
         assert songs in (3, 4), f"{point}: {songs} songs"
+        if MANIFEST + ".tmp" in left_behind:
+            # The kill landed before the manifest's rename: the old manifest, and the old
+            # FAISS file it names, must still be there and whole.
+            assert songs == 3, f"{point}: manifest temp file left, yet {songs} songs"
         outcomes[point] = (killed, songs)
         coverwatch("index", "build", "--model", random_model_dir, "--refs", refs4, "--out", work, check=True)
         assert sorted(_names(work)) == sorted([MANIFEST, next(p.name for p in work.glob("vectors-*.faiss"))])
         assert len(load_index(work).songs) == 4
     caught = [p for p, (killed, _) in outcomes.items() if killed]
-    # The temp files live for milliseconds; the polling loop must have caught the later points.
+    # The temp files live for milliseconds; the polling loop must have caught the later points,
+    # which last until the process ends. A kill is not instant, so the process may have got one
+    # step further than the point that triggered it: a point's outcome is old or new, and the
+    # new manifest, once seen, can only load as the new index.
     assert {"new faiss file", "new manifest"} <= set(caught), outcomes
-    assert outcomes["new manifest"][1] == 4 and outcomes["new faiss file"][1] == 3, outcomes
-    for point in ("faiss temp file", "manifest temp file"):
-        killed, songs = outcomes[point]
-        if killed:
-            assert songs == 3, outcomes
+    assert outcomes["new manifest"][1] == 4, outcomes
