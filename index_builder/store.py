@@ -1,24 +1,30 @@
-"""On-disk index: a FAISS inner-product index plus a JSON manifest, written atomically.
+"""On-disk index: a FAISS inner-product index, a binary vector table and a JSON manifest,
+written atomically.
 
     INDEX_DIR/manifest.json           format, model hash and front end, build settings,
-                                      songs, vector -> (song, segment start/end), calibration,
-                                      name and sha256 of the FAISS file
-    INDEX_DIR/vectors-<sha12>.faiss   the FAISS index (vector id = row in manifest["vectors"])
+                                      songs, calibration, names and sha256s of the two files
+    INDEX_DIR/vectors-<sha12>.faiss   the FAISS index (vector id = row of the vector table)
+    INDEX_DIR/table-<sha12>.npy       vector -> (song row, segment start, end in seconds):
+                                      a structured .npy (`VECTOR_TABLE_DTYPE`, no pickle),
+                                      12 bytes a vector, so a 1M-song catalog's ~20M
+                                      segments stay a 240 MB file, not gigabytes of JSON
 
-A write puts the new FAISS file under a temporary name, fsyncs it and renames it to its
+A write puts each new data file under a temporary name, fsyncs it and renames it to its
 content-addressed name, then writes manifest.json the same way (temporary file, fsync,
-rename, fsync of the folder), and only then removes the old FAISS file. Whenever the
-process dies, the manifest on disk names a complete FAISS file, so a crash never leaves an
-index that loads half-written. A damaged file is refused: the FAISS file by the sha256 the
+rename, fsync of the folder), and only then removes the old data files. Whenever the
+process dies, the manifest on disk names complete files, so a crash never leaves an index
+that loads half-written. A damaged file is refused: the data files by the sha256s the
 manifest records, the manifest by `manifest_sha256`, a sha256 over its own canonical JSON
-(every other field), so a flipped digit in a vector span or a calibration is caught too.
+(every other field), so a flipped digit in a calibration or a song title is caught too.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +35,9 @@ from streamer.artifacts import ArtifactError, ModelInfo, atomic_write, canonical
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: vector table inside the JSON manifest (could not hold a large catalog)
 MANIFEST = "manifest.json"
-# The fields of a manifest written before `manifest_sha256` existed.
-UNCHECKED_MANIFEST_KEYS = {"format_version", "model_hash", "model", "settings", "calibration", "faiss_file", "faiss_sha256", "songs", "vectors"}
+VECTOR_TABLE_DTYPE = np.dtype([("song", "<i4"), ("start", "<f4"), ("end", "<f4")])
 
 
 @dataclass
@@ -91,13 +96,38 @@ class IndexStore:
         return best
 
 
+def vector_table_bytes(vector_song: np.ndarray, vector_span: np.ndarray) -> bytes:
+    """(V,) song rows and (V, 2) spans -> the bytes of a `VECTOR_TABLE_DTYPE` .npy file."""
+    table = np.empty(len(vector_song), dtype=VECTOR_TABLE_DTYPE)
+    table["song"] = vector_song
+    table["start"], table["end"] = vector_span[:, 0], vector_span[:, 1]
+    buffer = io.BytesIO()
+    np.save(buffer, table, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_content_addressed(index_dir: Path, prefix: str, suffix: str, write: Callable[[Path], None]) -> tuple[str, str]:
+    """Write a file through `write(tmp_path)`, fsync it and rename it to prefix-<sha12>suffix.
+
+    Returns (name, sha256). The name may be the live file's (same content): the new file
+    is never written in place, only renamed over it."""
+    tmp = index_dir / f"{prefix}-new{suffix}.tmp"
+    write(tmp)
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    digest = sha256_file(tmp)
+    name = f"{prefix}-{digest[:12]}{suffix}"
+    tmp.replace(index_dir / name)
+    return name, digest
+
+
 def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
     """Write `store` into index_dir atomically (see module docstring)."""
     index_dir.mkdir(parents=True, exist_ok=True)
-    blob = faiss.serialize_index(store.faiss_index).tobytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    faiss_name = f"vectors-{digest[:12]}.faiss"
-    atomic_write(index_dir / faiss_name, blob)  # may share its name with the live file: never write that in place
+    # FAISS writes straight to the file: a large index is never held twice in memory.
+    faiss_name, faiss_digest = _write_content_addressed(index_dir, "vectors", ".faiss", lambda p: faiss.write_index(store.faiss_index, str(p)))
+    table = vector_table_bytes(store.vector_song, store.vector_span)
+    table_name, table_digest = _write_content_addressed(index_dir, "table", ".npy", lambda p: p.write_bytes(table))
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_hash": store.model_hash,
@@ -105,15 +135,18 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
         "settings": store.settings,
         "calibration": store.calibration,
         "faiss_file": faiss_name,
-        "faiss_sha256": digest,
+        "faiss_sha256": faiss_digest,
+        "table_file": table_name,
+        "table_sha256": table_digest,
+        "n_vectors": int(store.n_vectors),
         "songs": [vars(s) for s in store.songs],
-        "vectors": [[int(s), round(float(a), 3), round(float(b), 3)] for s, (a, b) in zip(store.vector_song, store.vector_span)],
     }
     manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")
     atomic_write(index_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     fsync_dir(index_dir)
-    for stale in index_dir.glob("vectors-*.faiss"):  # only now is the previous file unreferenced
-        if stale.name != faiss_name:
+    live = {faiss_name, table_name}
+    for stale in [*index_dir.glob("vectors-*.faiss"), *index_dir.glob("table-*.npy")]:  # only now unreferenced
+        if stale.name not in live:
             stale.unlink(missing_ok=True)
     for leftover in index_dir.glob("*.tmp"):  # from a write that was killed half-way
         leftover.unlink(missing_ok=True)
@@ -128,17 +161,26 @@ def read_manifest(index_dir: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupt index manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: unsupported index format (expected format_version {FORMAT_VERSION})")
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ArtifactError(
+            f"{path}: unsupported index format {found!r} (this coverwatch reads format_version {FORMAT_VERSION}); "
+            "rebuild the index with `coverwatch index build`"
+        )
     recorded = manifest.get("manifest_sha256")
-    if recorded is None:
-        unknown = sorted(set(manifest) - UNCHECKED_MANIFEST_KEYS)
-        if unknown:  # e.g. the checksum's own key damaged into another name
-            raise ArtifactError(f"{path}: no manifest_sha256 and unknown fields {unknown} (manifest altered or damaged); rebuild the index")
-        # Written before manifests carried their checksum: still loads, unprotected.
-        log.warning("%s: no manifest_sha256 (index from an older coverwatch); rebuild it to protect the manifest", path)
-    elif recorded != canonical_sha256(manifest, "manifest_sha256"):
+    if recorded is None or recorded != canonical_sha256(manifest, "manifest_sha256"):
         raise ArtifactError(f"{path}: manifest_sha256 does not match its content (manifest altered or damaged); rebuild the index")
     return manifest
+
+
+def read_vector_table(path: Path) -> np.ndarray:
+    """A vector table .npy (sha256 already checked) -> (V,) `VECTOR_TABLE_DTYPE` array."""
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{path}: not a readable vector table ({exc})") from None
+    if table.dtype != VECTOR_TABLE_DTYPE or table.ndim != 1:
+        raise ArtifactError(f"{path}: vector table has dtype {table.dtype} and shape {table.shape}, expected ({VECTOR_TABLE_DTYPE}) rows")
+    return table
 
 
 def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bool = True) -> IndexStore:
@@ -151,8 +193,9 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         model_hash = manifest["model_hash"]
         faiss_path = index_dir / manifest["faiss_file"]
         songs = [SongEntry(**s) for s in manifest["songs"]]
-        vectors = np.asarray(manifest["vectors"], dtype=np.float64).reshape(-1, 3)
         digest = manifest["faiss_sha256"]
+        table_path, table_digest = index_dir / manifest["table_file"], manifest["table_sha256"]
+        n_vectors = int(manifest["n_vectors"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{index_dir / MANIFEST}: index manifest is missing or has malformed fields ({exc})") from None
     if expected_model_hash is not None and model_hash != expected_model_hash:
@@ -160,28 +203,32 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
             f"{index_dir}: index was built with model {model_hash}, but the loaded model is {expected_model_hash}; "
             "rebuild the index with this model (`coverwatch index build`)"
         )
-    if not faiss_path.is_file():
-        raise ArtifactError(f"{faiss_path}: FAISS file named by the manifest is missing")
-    if sha256_file(faiss_path) != digest:
-        raise ArtifactError(f"{faiss_path}: sha256 does not match the manifest (file truncated or altered)")
+    for data_path, data_digest in ((faiss_path, digest), (table_path, table_digest)):
+        if not data_path.is_file():
+            raise ArtifactError(f"{data_path}: file named by the manifest is missing")
+        if sha256_file(data_path) != data_digest:
+            raise ArtifactError(f"{data_path}: sha256 does not match the manifest (file truncated or altered)")
+    table = read_vector_table(table_path)
+    if len(table) != n_vectors:
+        raise ArtifactError(f"{table_path}: {len(table)} rows but the manifest counts {n_vectors} vectors")
     try:
         # mapped IVF lists load page by page as searched (a 1M-song IVF-SQ8 is a 5 GB file); other types are read whole
         index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP if mmap else 0)
     except RuntimeError as exc:
         raise ArtifactError(f"{faiss_path}: FAISS cannot read the index ({exc})") from None
-    if index.ntotal != len(vectors):
-        raise ArtifactError(f"{index_dir}: FAISS holds {index.ntotal} vectors but the manifest lists {len(vectors)}")
+    if index.ntotal != n_vectors:
+        raise ArtifactError(f"{index_dir}: FAISS holds {index.ntotal} vectors but the manifest counts {n_vectors}")
     recorded_dim = manifest.get("model", {}).get("embedding_dim", index.d)
     if index.d != recorded_dim:
         raise ArtifactError(f"{index_dir}: FAISS vectors have {index.d} dims but the manifest's model has {recorded_dim}")
-    song_rows = vectors[:, 0].astype(np.int32)
+    song_rows = table["song"].astype(np.int32)
     if len(song_rows) and (song_rows.min() < 0 or song_rows.max() >= len(songs)):
         raise ArtifactError(f"{index_dir / MANIFEST}: a vector points to a song that is not listed")
     return IndexStore(
         index,
         songs,
         song_rows,
-        vectors[:, 1:].astype(np.float32),
+        np.stack([table["start"], table["end"]], axis=1).astype(np.float32),
         model_hash,
         manifest.get("settings", {}),
         manifest.get("calibration", {}),

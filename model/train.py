@@ -5,6 +5,8 @@ Each step draws P cover groups x V versions, crops every version to one random l
 key, SpecAugment), and minimises triplet + cross-entropy. Adam with linear warm-up then
 cosine annealing; validation mAP over whole held-out tracks every `eval_every` steps;
 `last.pt` is written every `checkpoint_every` steps and training resumes from it.
+With `TrainPaths.init` a fresh run starts from another run's encoder (same dims); the
+classifier is new, as the groups differ, and the lr schedule starts again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TrainPaths:
     manifest: Path  # CSV with group_id,path[,split]; paths relative to the manifest's folder
     out_dir: Path  # checkpoints, curve plot, metrics
     cache_dir: Path  # cached CQT features
+    init: Path | None = None  # start from this checkpoint's encoder (fine-tuning); its classifier is dropped
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -145,6 +148,22 @@ def _plot_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def load_encoder_weights(model: CoverEncoder, checkpoint_path: Path) -> None:
+    """Copy every weight but the classifier from a checkpoint of the same shape (dropout may differ)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    free = {"n_classes", "dropout"}  # the classifier is new; dropout holds no weights
+    theirs = {k: v for k, v in checkpoint["dims"].items() if k not in free}
+    ours = {k: v for k, v in model.dims.to_dict().items() if k not in free}
+    if theirs != ours:
+        changed = sorted(k for k in ours if theirs.get(k) != ours[k])
+        raise ValueError(f"{checkpoint_path}: dims differ from [train] config in {', '.join(changed)}: {theirs} vs {ours}")
+    weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("classifier.") for k in missing):
+        raise ValueError(f"{checkpoint_path}: weights do not fit: missing {missing}, unexpected {unexpected}")
+    log.info("initialised from %s (step %s, best val mAP %.3f)", checkpoint_path, checkpoint.get("step"), checkpoint.get("best", float("nan")))
+
+
 def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
     """Train (or resume) and return the final metrics. Writes last.pt, best.pt and curve.png."""
     torch.set_num_threads(cfg.threads)
@@ -174,6 +193,8 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
         optimizer.load_state_dict(checkpoint["optim"])
         state = {k: checkpoint[k] for k in state}
         log.info("resumed from %s at step %d", last, state["step"])
+    elif paths.init is not None:
+        load_encoder_weights(model, paths.init)
 
     def save(path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -217,7 +238,7 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
         optimizer.step()
         state["step"] = step + 1
         state["history"].append({"step": step + 1, "loss": float(loss.detach()), **terms})
-        progress.set_postfix(loss=f"{float(loss):.3f}", lr=f"{get_lr(step, cfg):.1e}")
+        progress.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{get_lr(step, cfg):.1e}")
         is_last = state["step"] == cfg.steps
         if val_tracks and (state["step"] % cfg.eval_every == 0 or is_last):
             scores = validate(model, val_tracks)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -300,3 +301,40 @@ def build_variant_dataset(
     n_groups, rendered = len({row.group_id for row in kept}), attempted - len(failed)
     log.info("variant dataset %s: %d groups, %d files (%d rendered, %d failed)", out_dir, n_groups, len(kept), rendered, len(failed))
     return manifest
+
+
+def merge_training_manifests(covers_manifest: Path, variants_manifest: Path, out: Path) -> Path:
+    """One training manifest from a cover dataset and a `--which train` variant dataset.
+
+    A cover group is the first tune of a title family; a variant group whose first tune
+    is that same tune ("variants_<cover group id>") is the same song, so its versions
+    join the cover group (two labels for one song would teach the model that its covers
+    are strangers). If that cover group is in the validation split the variant group is
+    left out, so that validation stays unseen. Paths are rewritten relative to `out`'s
+    folder; all rows keep `MANIFEST_COLUMNS`.
+    """
+    out = Path(out)
+    covers, variants = read_manifest(covers_manifest), read_manifest(variants_manifest)
+    split_of_group = {row.group_id: row.split for row in covers}
+    merged: list[Row] = []
+    joined, dropped = set(), set()
+    for source, rows in ((Path(covers_manifest), covers), (Path(variants_manifest), variants)):
+        for row in rows:
+            group_id, version = row.group_id, row.version
+            if rows is variants:
+                cover_id = group_id.removeprefix("variants_")
+                if split_of_group.get(cover_id) == "val":
+                    dropped.add(group_id)
+                    continue
+                if cover_id in split_of_group:
+                    joined.add(group_id)
+                    group_id = cover_id
+                    version += 100  # keeps (group_id, version) unique: cover versions are 0..n-1
+            path = os.path.relpath((source.parent / row.path).resolve(), out.parent.resolve())
+            merged.append(dataclasses.replace(row, group_id=group_id, version=version, path=path))
+    write_text_atomic(out, _csv_text(MANIFEST_COLUMNS, [dataclasses.astuple(row) for row in merged]))
+    log.info(
+        "merged %s + %s -> %s: %d rows, %d variant groups joined their cover group, %d left out (cover group in val)",
+        covers_manifest, variants_manifest, out, len(merged), len(joined), len(dropped),
+    )  # fmt: skip
+    return out

@@ -120,7 +120,8 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from model.train import TrainPaths, train
 
     cache = Path(args.cache) if args.cache else Path(args.out) / "features"
-    metrics = train(cfg.train, TrainPaths(Path(args.manifest), Path(args.out), cache))
+    init = Path(args.init) if args.init else None
+    metrics = train(cfg.train, TrainPaths(Path(args.manifest), Path(args.out), cache, init))
     print(json.dumps(metrics))
     return ExitCode.OK
 
@@ -161,6 +162,10 @@ def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
         trained = frozenset().union(*(trained_families(Path(m)) for m in args.exclude_trained))
         split = "val" if args.which == "heldout" else "train"
         path = build_variant_dataset(Path(args.out), groups, args.groups, args.seed, exclude_families=trained, split=split)
+    elif args.data_command == "merge":
+        from model.variants import merge_training_manifests
+
+        path = merge_training_manifests(Path(args.covers), Path(args.variants), Path(args.out))
     else:
         path = build_demo(Path(args.out))
     print(str(path))
@@ -208,7 +213,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
-BENCHMARKS = ("streams", "stream", "model", "index", "kafka", "soak")
+BENCHMARKS = ("streams", "stream", "model", "index", "store", "kafka", "soak")
 
 
 def cmd_bench(args: argparse.Namespace, cfg: Config) -> ExitCode:
@@ -271,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--manifest", required=True, help="dataset manifest.csv (group_id,path[,split])")
     train.add_argument("--out", required=True, help="run folder: checkpoints, curve")
     train.add_argument("--cache", default=None, help="CQT feature cache (default OUT/features)")
+    train.add_argument("--init", default=None, metavar="CHECKPOINT", help="fine-tune: start from this run's encoder (same dims)")
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX + sidecar")
@@ -304,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_variants.add_argument(
         "--exclude-trained", action="append", default=[], metavar="MANIFEST", help="skip families in this manifest's train split"
     )
+    data_merge = data_sub.add_parser("merge", help="one training manifest from a cover dataset and a training variant dataset")
+    data_merge.add_argument("--covers", required=True, metavar="MANIFEST", help="manifest.csv of `data build`")
+    data_merge.add_argument("--variants", required=True, metavar="MANIFEST", help="manifest.csv of `data variants --which train`")
+    data_merge.add_argument("--out", required=True, help="merged manifest.csv (paths relative to its folder)")
     data_demo = data_sub.add_parser("demo")
     data_demo.add_argument("--out", required=True)
     data.set_defaults(func=cmd_data)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from index_builder.build import build_index
 from index_builder.refs import read_refs
-from index_builder.store import read_manifest
+from index_builder.store import FORMAT_VERSION, read_manifest
 from streamer.artifacts import load_model_info, resolve_model_dir
 from streamer.config import Config, replace_section
 from streamer.daemon import ExitCode, Server
@@ -69,7 +69,8 @@ def ensure_demo_index(workdir: Path, cfg: Config, calibrated: bool = False) -> P
     """The demo catalog's index for the configured model (built once); with `calibrated`,
     also its stream calibration (rendered and measured once)."""
     model_dir = resolve_model_dir(cfg.model.path)
-    index_dir = workdir / f"index-{load_model_info(model_dir).model_hash}"
+    # Named by model and index format: a model or format change builds a new one.
+    index_dir = workdir / f"index-{load_model_info(model_dir).model_hash}-format{FORMAT_VERSION}"
     if not (index_dir / "manifest.json").exists():
         embedder = Embedder(model_dir, cfg.model.threads)
         build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build)

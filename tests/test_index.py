@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 
@@ -7,8 +8,8 @@ import soundfile
 
 from index_builder.build import add_to_index, build_index, index_info, segment_spans
 from index_builder.refs import RefsError, read_refs
-from index_builder.store import MANIFEST, load_index
-from streamer.artifacts import ArtifactError, canonical_sha256
+from index_builder.store import MANIFEST, VECTOR_TABLE_DTYPE, load_index
+from streamer.artifacts import ArtifactError, canonical_sha256, sha256_file
 from streamer.audio import SAMPLE_RATE, AudioError
 from streamer.config import IndexBuildConfig
 from streamer.embedder import Embedder
@@ -73,7 +74,7 @@ def test_corrupt_index_files_are_refused(refs_csv, embedder, tmp_path):
     with pytest.raises(ArtifactError, match="sha256 does not match"):
         load_index(idx)
     faiss_file.unlink()
-    with pytest.raises(ArtifactError, match="is missing"):
+    with pytest.raises(ArtifactError, match="named by the manifest is missing"):
         load_index(idx)
     (idx / MANIFEST).write_text('{"format_version": 1')
     with pytest.raises(ArtifactError, match="corrupt index manifest"):
@@ -82,11 +83,55 @@ def test_corrupt_index_files_are_refused(refs_csv, embedder, tmp_path):
     with pytest.raises(ArtifactError, match="manifest not found"):
         load_index(idx)
     manifest = json.loads((good / MANIFEST).read_text())
-    manifest["vectors"] = manifest["vectors"][:-1]
+    manifest["n_vectors"] = 8
     manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")  # consistent, so the count check is what refuses it
     (good / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="FAISS holds 9 vectors but the manifest lists 8"):
+    with pytest.raises(ArtifactError, match="9 rows but the manifest counts 8 vectors"):
         load_index(good)
+
+
+def test_vector_table_is_checked_and_never_unpickled(refs_csv, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    table_file = next(idx.glob("table-*.npy"))
+    table = np.load(table_file, allow_pickle=False)
+    assert table.dtype == VECTOR_TABLE_DTYPE and len(table) == 9
+    assert sorted(set(table["song"].tolist())) == [0, 1, 2] and (table["end"] > table["start"]).all()
+    pristine = table_file.read_bytes()
+
+    def resign(data: bytes) -> None:
+        """Write `data` as the table and record its sha256, so only the content check can refuse it."""
+        table_file.write_bytes(data)
+        manifest = json.loads((idx / MANIFEST).read_text())
+        manifest["table_sha256"] = sha256_file(table_file)
+        manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")
+        (idx / MANIFEST).write_text(json.dumps(manifest))
+
+    table_file.write_bytes(pristine[:-4])
+    with pytest.raises(ArtifactError, match=r"table-.*\.npy: sha256 does not match the manifest"):
+        load_index(idx)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"song": 0}] * 9, dtype=object), allow_pickle=True)  # a pickle inside an .npy
+    resign(buffer.getvalue())
+    with pytest.raises(ArtifactError, match="not a readable vector table"):
+        load_index(idx)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((9, 3), dtype=np.float64))
+    resign(buffer.getvalue())
+    with pytest.raises(ArtifactError, match="vector table has dtype float64"):
+        load_index(idx)
+    resign(pristine)
+    assert len(load_index(idx).songs) == 3
+
+
+def test_index_of_an_older_format_asks_for_a_rebuild(refs_csv, embedder, tmp_path):
+    idx = tmp_path / "idx"
+    build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    manifest = json.loads((idx / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    (idx / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="unsupported index format 1 .* rebuild the index"):
+        load_index(idx)
 
 
 def test_failed_build_leaves_previous_index_intact(refs_csv, embedder, tmp_path):
