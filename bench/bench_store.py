@@ -38,7 +38,7 @@ SEGMENTS_PER_SONG = 10  # as bench_index.py
 DIM = 512
 ADD_CHUNK = 200_000  # vectors generated and added per step (~400 MB of float32)
 IVF_SQ8_1M_GIB = 4.85  # the 1M-song IVF-SQ8 file of bench_index.py
-SECTION = "## Index store at catalog scale"
+SECTION = "## Index store at catalog scale (bench/bench_store.py)"
 
 
 def filled_pq_index(n_vectors: int, rng: np.random.Generator) -> faiss.Index:
@@ -55,7 +55,10 @@ def filled_pq_index(n_vectors: int, rng: np.random.Generator) -> faiss.Index:
 
 
 def synthetic_store(n_songs: int, index: faiss.Index, model_hash: str) -> IndexStore:
-    songs = [SongEntry(f"song{i:07d}", f"Title of song {i}", f"/catalog/audio/{i:07d}.flac", {"artist": f"artist {i % 5000}"}) for i in range(n_songs)]
+    songs = [
+        SongEntry(f"song{i:07d}", f"Title of song {i}", f"/catalog/audio/{i:07d}.flac", {"artist": f"artist {i % 5000}"})
+        for i in range(n_songs)
+    ]
     vector_song = np.repeat(np.arange(n_songs, dtype=np.int32), SEGMENTS_PER_SONG)
     starts = np.tile(np.arange(SEGMENTS_PER_SONG, dtype=np.float32) * 10.0, n_songs)
     spans = np.stack([starts, starts + 20.0], axis=1)
@@ -136,8 +139,10 @@ def markdown(rows: list[dict], command: str) -> str:
         )
     lines += [
         "",
-        f"sha256 of the FAISS file ran at {sha_rate:.2f} GB/s: checking the 1M-song IVF-SQ8 file ({IVF_SQ8_1M_GIB} GiB) "
-        f"adds ~{sq8_bytes / 1e9 / sha_rate:.0f} s to a load (once per start or SIGHUP reload; the file is then mapped, not read).",
+        (
+            f"sha256 of the FAISS file ran at {sha_rate:.2f} GB/s: checking the 1M-song IVF-SQ8 file ({IVF_SQ8_1M_GIB} GiB) "
+            f"adds ~{sq8_bytes / 1e9 / sha_rate:.0f} s to a load (once per start or SIGHUP reload; the file is then mapped, not read)."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -155,7 +160,7 @@ def main() -> None:
         for n_songs in args.songs:
             rows.append(measure(n_songs, args.json_max_songs, model, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    section = markdown(rows, "python bench/bench_store.py " + " ".join(sys.argv[1:]))
+    section = markdown(rows, " ".join(["python bench/bench_store.py", *sys.argv[1:]]))
     print(section)
     if not args.no_write:
         write_section(SECTION, section)

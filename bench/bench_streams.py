@@ -4,9 +4,11 @@ For each N, every stream is first brought to steady state (all windows filled), 
 `--timed-s` seconds of real rendered audio (the demo stream, each stream at its own offset)
 as 0.5-s chunks, round-robin over the streams, as fast as possible. Three ways of running:
 
-  batched    Monitor.submit for one chunk of every stream, then one Monitor.flush: the due
-             windows of all streams go through the encoder together (equal lengths, up to
-             `[model] batch_size` per call) and one FAISS search (what a Kafka poll batch does);
+  batched    Monitor.submit chunk by chunk, one Monitor.flush after every `--poll-records`
+             chunks (what the Kafka daemon does with each poll batch; default
+             `[kafka] max_poll_records`) and at the end of each round over the streams: the
+             due windows of the batch go through the encoder together (equal lengths, up to
+             `[model] batch_size` per call) and one FAISS search;
   unbatched  Monitor.process_chunk per chunk: decisions taken stream by stream (the
              daemon's file/microphone path, and the Kafka path before batching);
   naive      no rolling state: at every hop each window's CQT is recomputed from its raw
@@ -55,7 +57,7 @@ from streamer.pipeline import Monitor  # noqa: E402
 
 SECTION_PREFIX = "## Many streams (bench/bench_streams.py"
 CHUNK_S = 0.5
-PLOT_PATTERN = "streams_scaling_hop{hop:g}.png"
+PLOT_PATTERN = "streams_scaling_hop{hop:g}_poll{poll}.png"
 
 
 def peak_rss_bytes() -> int:
@@ -121,7 +123,9 @@ def clone(monitor: Monitor, template, stream_id: str):
     return state
 
 
-def run_monitor(mode: str, monitor: Monitor, audio: np.ndarray, n: int, warm_s: float, timed_s: float, templates: list) -> Run:
+def run_monitor(
+    mode: str, monitor: Monitor, audio: np.ndarray, n: int, warm_s: float, timed_s: float, templates: list, poll_records: int
+) -> Run:
     monitor.streams.clear()
     starts = offsets(n, len(audio), int((warm_s + timed_s + len(templates) * CHUNK_S) * SAMPLE_RATE))
     positions = {}
@@ -140,12 +144,17 @@ def run_monitor(mode: str, monitor: Monitor, audio: np.ndarray, n: int, warm_s: 
             if mode == "batched":
                 monitor.submit(sid, audio[pos : pos + chunk], SAMPLE_RATE)
                 submitted.append(t0)
+                if len(submitted) == poll_records:  # 0: never here, once per round
+                    monitor.flush()
+                    done = time.perf_counter()
+                    latencies.extend(done - t for t in submitted)
+                    submitted = []
             else:
                 monitor.process_chunk(sid, audio[pos : pos + chunk], SAMPLE_RATE)
                 latencies.append(time.perf_counter() - t0)
             deciding.append(monitor.counts["decisions"] > before)
             positions[sid] = pos + chunk
-        if mode == "batched":
+        if submitted:
             monitor.flush()
             done = time.perf_counter()
             latencies.extend(done - t for t in submitted)
@@ -237,7 +246,14 @@ def plot(runs: list[Run], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def to_markdown(section: str, runs: list[Run], cfg: Config, command: str, load: tuple[float, ...], timed_s: float, rss_gb: float, plot_name: str) -> str:
+def flush_rule(poll_records: int) -> str:
+    return "flush every round" if poll_records == 0 else f"flush every {poll_records} chunks"
+
+
+def to_markdown(
+    section: str, runs: list[Run], cfg: Config, command: str, load: tuple[float, ...], timed_s: float, rss_gb: float,
+    poll_records: int, plot_name: str,
+) -> str:  # fmt: skip
     rows = []
     batched = {r.streams: r for r in runs if r.mode == "batched"}
     for r in runs:
@@ -248,6 +264,10 @@ def to_markdown(section: str, runs: list[Run], cfg: Config, command: str, load: 
             f"| {r.state_mb:.2f} | {'' if np.isnan(gain) else f'{gain:.1f}x'} |"
         )
     keeps = [n for n, r in batched.items() if r.rtf >= n]
+    if poll_records == 0:
+        batch_rule = "one batch per round of chunks, so it includes the round"
+    else:
+        batch_rule = f"a batch is {poll_records} chunks (a Kafka poll batch of `max_poll_records` {poll_records}) or the rest of a round"
     return f"""{section}
 
 Date: {datetime.date.today().isoformat()} · machine: {platform.machine()}, {os.cpu_count()} cores, load average before the run {load[0]:.2f} · onnxruntime threads {cfg.model.threads}, encoder batch {cfg.model.batch_size}, FAISS threads {cfg.index.threads} · command: `{command}`
@@ -257,8 +277,8 @@ resampling), windows {cfg.stream.windows_s} s every {cfg.stream.hop_s} s (all fi
 state), {CHUNK_S}-s chunks, {timed_s:.0f} s of audio per stream timed, decisions staggered over
 the {n_phases(cfg)} chunks of a hop. *RT factor* = stream audio seconds per wall second over all streams; the
 machine keeps up with N live streams when it is >= N. Latency: from a chunk's submit until
-its batch's decisions are taken (batched: one batch per round of chunks, so it includes
-the round); *gain* = batched RT factor / this mode's. State per stream = bytes held by a
+its batch's decisions are taken (batched: {batch_rule});
+*gain* = batched RT factor / this mode's. State per stream = bytes held by a
 steady-state stream (frame ring, pending CQT input, score history); peak process RSS over
 the whole run (model, index, all streams): {rss_gb:.2f} GiB.
 
@@ -282,6 +302,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="override [model] batch_size")
     parser.add_argument("--threads", type=int, default=None, help="override [model] threads (onnxruntime intra-op)")
     parser.add_argument("--hop-s", type=float, default=None, help="override [stream] hop_s (the issue's target is stated for 5 s)")
+    parser.add_argument(
+        "--poll-records",
+        type=int,
+        default=Config().kafka.max_poll_records,
+        help="batched: flush after this many chunks (a Kafka poll batch); 0 = once per round over all streams",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the plot alone")
     args = parser.parse_args()
     load = os.getloadavg()
@@ -307,17 +333,18 @@ def main() -> None:
     for n in args.streams:
         modes = ["batched"] + (["unbatched"] if n <= args.unbatched_up_to else [])
         for mode in modes:
-            runs.append(run_monitor(mode, monitor, audio, n, warm_s, args.timed_s, templates))
+            runs.append(run_monitor(mode, monitor, audio, n, warm_s, args.timed_s, templates, args.poll_records))
             r = runs[-1]
             print(f"N={n:4d} {mode:9s} RT {r.rtf:7.1f}x  p99(deciding) {r.pct(99, True):7.0f} ms  state/stream {r.state_mb:.2f} MB", flush=True)
         if n <= args.naive_up_to:
             runs.append(run_naive(monitor, cfg, audio, n, warm_s, args.timed_s))
             print(f"N={n:4d} naive     RT {runs[-1].rtf:7.1f}x", flush=True)
-    plot_path = Path(__file__).with_name(PLOT_PATTERN.format(hop=cfg.stream.hop_s))
+    plot_path = Path(__file__).with_name(PLOT_PATTERN.format(hop=cfg.stream.hop_s, poll=args.poll_records))
     if not args.no_write:
         plot(runs, plot_path)
-    section = f"{SECTION_PREFIX}, hop {cfg.stream.hop_s:g} s)"
-    markdown = to_markdown(section, runs, cfg, "python bench/bench_streams.py " + " ".join(sys.argv[1:]), load, args.timed_s, peak_rss_bytes() / 2**30, plot_path.name)
+    section = f"{SECTION_PREFIX}, hop {cfg.stream.hop_s:g} s, {flush_rule(args.poll_records)})"
+    command = "python bench/bench_streams.py " + " ".join(sys.argv[1:])
+    markdown = to_markdown(section, runs, cfg, command, load, args.timed_s, peak_rss_bytes() / 2**30, args.poll_records, plot_path.name)
     print(markdown)
     if not args.no_write:
         write_section(section, markdown)

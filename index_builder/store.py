@@ -125,7 +125,9 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
     """Write `store` into index_dir atomically (see module docstring)."""
     index_dir.mkdir(parents=True, exist_ok=True)
     # FAISS writes straight to the file: a large index is never held twice in memory.
-    faiss_name, faiss_digest = _write_content_addressed(index_dir, "vectors", ".faiss", lambda p: faiss.write_index(store.faiss_index, str(p)))
+    faiss_name, faiss_digest = _write_content_addressed(
+        index_dir, "vectors", ".faiss", lambda p: faiss.write_index(store.faiss_index, str(p))
+    )
     table = vector_table_bytes(store.vector_song, store.vector_span)
     table_name, table_digest = _write_content_addressed(index_dir, "table", ".npy", lambda p: p.write_bytes(table))
     manifest = {

@@ -161,7 +161,9 @@ def load_encoder_weights(model: CoverEncoder, checkpoint_path: Path) -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("classifier.") for k in missing):
         raise ValueError(f"{checkpoint_path}: weights do not fit: missing {missing}, unexpected {unexpected}")
-    log.info("initialised from %s (step %s, best val mAP %.3f)", checkpoint_path, checkpoint.get("step"), checkpoint.get("best", float("nan")))
+    log.info(
+        "initialised from %s (step %s, best val mAP %.3f)", checkpoint_path, checkpoint.get("step"), checkpoint.get("best", float("nan"))
+    )
 
 
 def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:

@@ -95,7 +95,11 @@ def refs_csv(tmp_path) -> Path:
     for i in range(3):
         soundfile.write(tmp_path / f"song{i}.wav", melody(i, 30.0), SAMPLE_RATE)
         rows.append({"song_id": f"song{i}", "title": f"Song {i}", "path": f"song{i}.wav", "artist": f"artist{i}"})
-    path = tmp_path / "refs.csv"
+    return write_csv(tmp_path / "refs.csv", rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """rows (dicts with the same keys) -> a CSV file with a header line."""
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -7,7 +7,6 @@ import csv
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile
 
@@ -16,7 +15,7 @@ torch = pytest.importorskip("torch")
 from model.train import TrainPaths, load_encoder_weights, train  # noqa: E402
 from streamer.audio import SAMPLE_RATE  # noqa: E402
 from streamer.config import TrainConfig  # noqa: E402
-from tests.conftest import melody  # noqa: E402
+from tests.conftest import melody, write_csv  # noqa: E402
 
 TINY = TrainConfig(
     steps=4, groups_per_batch=2, versions_per_group=2, crop_min_s=4.0, crop_max_s=5.0, warmup_steps=1,
@@ -34,12 +33,7 @@ def _manifest(folder: Path, n_groups: int, seed: int) -> Path:
             name = f"g{g}v{v}.wav"
             soundfile.write(folder / name, melody(seed + g, 8.0, transpose=transpose, tempo=tempo), SAMPLE_RATE)
             rows.append({"group_id": f"g{g}", "path": name, "split": "val" if g == n_groups - 1 else "train"})
-    path = folder / "manifest.csv"
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(folder / "manifest.csv", rows)
 
 
 def _encoder_weights(state: dict) -> dict:
