@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import numpy as np
 import soundfile
 
 torch = pytest.importorskip("torch")
@@ -103,3 +104,30 @@ def test_merge_joins_a_variant_group_to_its_cover_group(tmp_path):
     assert by_group["a"][2].path == "../variants/audio/variants_a/v0.flac"
     assert by_group["b"][0].path == "../covers/audio/b/v0.flac"
     assert len({(r.group_id, r.version) for r in merged}) == len(merged)
+
+
+def test_training_resumes_from_its_last_checkpoint(tmp_path, caplog):
+    manifest = _manifest(tmp_path / "a", 4, 0)
+    paths = TrainPaths(manifest, tmp_path / "run", tmp_path / "cache")
+    train(dataclasses.replace(TINY, steps=2), paths)  # as if stopped after step 2
+    stopped = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert stopped["step"] == 2
+    with caplog.at_level("INFO", logger="model.train"):
+        result = train(TINY, paths)
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert result["steps"] == 4
+    finished = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert [h["step"] for h in finished["history"] if "loss" in h] == [1, 2, 3, 4]  # no step run twice or skipped
+    assert not torch.equal(finished["model"]["project.weight"], stopped["model"]["project.weight"])
+
+
+def test_corrupt_and_silent_files_are_skipped_and_counted(tmp_path):
+    from model.features import load_tracks
+
+    soundfile.write(tmp_path / "good.wav", melody(0, 6.0), SAMPLE_RATE)
+    soundfile.write(tmp_path / "silent.wav", np.zeros(6 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt not really")
+    items = [("g", tmp_path / name) for name in ("good.wav", "silent.wav", "corrupt.wav", "missing.wav")]
+    tracks, skipped = load_tracks(items, tmp_path / "cache")
+    assert [t.path.name for t in tracks] == ["good.wav"] and skipped == 3
+    assert tracks[0].frames.ndim == 2 and tracks[0].frames.shape[1] == 84
