@@ -309,13 +309,15 @@ def merge_training_manifests(covers_manifest: Path, variants_manifest: Path, out
     A cover group is the first tune of a title family; a variant group whose first tune
     is that same tune ("variants_<cover group id>") is the same song, so its versions
     join the cover group (two labels for one song would teach the model that its covers
-    are strangers). If that cover group is in the validation split the variant group is
-    left out, so that validation stays unseen. Paths are rewritten relative to `out`'s
-    folder; all rows keep `MANIFEST_COLUMNS`.
+    are strangers). A variant group of a title family that has a cover group in the
+    validation split is left out, joined or not, so that validation stays unseen (title
+    families decide splits). Paths are rewritten relative to `out`'s folder; all rows keep
+    `MANIFEST_COLUMNS`.
     """
     out = Path(out)
     covers, variants = read_manifest(covers_manifest), read_manifest(variants_manifest)
     split_of_group = {row.group_id: row.split for row in covers}
+    val_families = {title_family(row.title) or row.group_id for row in covers if row.split == "val"}
     merged: list[Row] = []
     joined, dropped = set(), set()
     for source, rows in ((Path(covers_manifest), covers), (Path(variants_manifest), variants)):
@@ -323,7 +325,7 @@ def merge_training_manifests(covers_manifest: Path, variants_manifest: Path, out
             group_id, version = row.group_id, row.version
             if rows is variants:
                 cover_id = group_id.removeprefix("variants_")
-                if split_of_group.get(cover_id) == "val":
+                if split_of_group.get(cover_id) == "val" or (title_family(row.title) or group_id) in val_families:
                     dropped.add(group_id)
                     continue
                 if cover_id in split_of_group:
@@ -334,7 +336,7 @@ def merge_training_manifests(covers_manifest: Path, variants_manifest: Path, out
             merged.append(dataclasses.replace(row, group_id=group_id, version=version, path=path))
     write_text_atomic(out, _csv_text(MANIFEST_COLUMNS, [dataclasses.astuple(row) for row in merged]))
     log.info(
-        "merged %s + %s -> %s: %d rows, %d variant groups joined their cover group, %d left out (cover group in val)",
+        "merged %s + %s -> %s: %d rows, %d variant groups joined their cover group, %d left out (title family in val)",
         covers_manifest, variants_manifest, out, len(merged), len(joined), len(dropped),
     )  # fmt: skip
     return out

@@ -85,19 +85,22 @@ def test_merge_joins_a_variant_group_to_its_cover_group(tmp_path):
             writer = csv.writer(fh)
             writer.writerow(MANIFEST_COLUMNS)
             for group_id, version, split in rows:
-                writer.writerow([group_id, version, f"audio/{group_id}/v{version}.flac", "T", split, "sf", 0, 120.0, 0, "full"])
+                title = {"b": "Song B", "variants_d": "Song B"}.get(group_id, f"Title of {group_id}")
+                writer.writerow([group_id, version, f"audio/{group_id}/v{version}.flac", title, split, "sf", 0, 120.0, 0, "full"])
         return path
 
     covers = write(tmp_path / "covers" / "manifest.csv", [("a", 0, "train"), ("a", 1, "train"), ("b", 0, "val"), ("b", 1, "val")])
     variants = write(
         tmp_path / "variants" / "manifest.csv",
-        [("variants_a", 0, "train"), ("variants_a", 1, "train"), ("variants_b", 0, "train"), ("variants_c", 0, "train"), ("variants_c", 1, "train")],
+        [("variants_a", 0, "train"), ("variants_a", 1, "train"), ("variants_b", 0, "train"), ("variants_c", 0, "train"),
+         ("variants_c", 1, "train"), ("variants_d", 0, "train"), ("variants_d", 1, "train")],
     )  # fmt: skip
     merged = read_manifest(merge_training_manifests(covers, variants, tmp_path / "merged" / "manifest.csv"))
     by_group: dict[str, list] = {}
     for row in merged:
         by_group.setdefault(row.group_id, []).append(row)
-    # "a" gains its variants; "variants_b" is left out (its song validates); "variants_c" is new.
+    # "a" gains its variants; "variants_b" is left out (its song validates), and so is
+    # "variants_d", other tunes of the same title family ("Song B"); "variants_c" is new.
     assert sorted(by_group) == ["a", "b", "variants_c"]
     assert [r.version for r in by_group["a"]] == [0, 1, 100, 101]
     assert {r.split for r in by_group["a"]} == {"train"} and {r.split for r in by_group["b"]} == {"val"}
