@@ -35,6 +35,7 @@ import numpy as np
 from index_builder.store import IndexStore, load_index, save_index
 from streamer.audio import HOP_LENGTH, SAMPLE_RATE, seconds_to_frames
 from streamer.config import Config, IndexBuildConfig, StreamConfig
+from streamer.rolling import hop_energy
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ SECONDS_PER_DAY = 86400.0
 EULER_GAMMA = 0.5772156649015329
 MIN_BLOCKS = 10  # fewer usable blocks than this cannot be fitted
 HOPS_PER_SEARCH = 256  # hops embedded and searched per batch (bounds memory)
+EMBED_BATCH = 64  # windows per encoder call (offline: larger calls than the daemon's)
 
 
 # --- impostor calibration (reference vs reference) -----------------------------------
@@ -190,9 +192,9 @@ def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: Strea
     frames = embedder.cqt_whole(audio)
     kernel = embedder.kernel_length
     n_frames = len(frames)
-    energy = np.zeros(n_frames, np.float32)  # mean square of each frame's newest HOP samples
+    energy = np.zeros(n_frames, np.float32)  # of each frame's newest HOP samples, as the daemon's silence gate measures it
     tail = audio[kernel - HOP_LENGTH : kernel - HOP_LENGTH + n_frames * HOP_LENGTH]
-    energy[: len(tail) // HOP_LENGTH] = np.mean(tail[: len(tail) // HOP_LENGTH * HOP_LENGTH].reshape(-1, HOP_LENGTH) ** 2, axis=1)
+    energy[: len(tail) // HOP_LENGTH] = hop_energy(tail[: len(tail) // HOP_LENGTH * HOP_LENGTH])
     window_frames = [seconds_to_frames(s) for s in stream_cfg.windows_s]
     silence = 10.0 ** (stream_cfg.silence_dbfs / 10.0)
     ends, times = [], []
@@ -208,21 +210,14 @@ def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: Strea
     results: list[dict[int, float]] = []
     for first in range(0, len(ends), HOPS_PER_SEARCH):
         batch = ends[first : first + HOPS_PER_SEARCH]
-        by_length: dict[int, list[tuple[int, int]]] = {}
-        for g, end in enumerate(batch):
-            for n in window_frames:
-                if n <= end and float(energy[end - n : end].mean()) >= silence:
-                    by_length.setdefault(n, []).append((g, end))
-        vectors, groups = [], []
-        for n, items in by_length.items():
-            for a in range(0, len(items), 64):
-                chunk = items[a : a + 64]
-                vectors.append(embedder.embed(np.stack([frames[e - n : e] for _, e in chunk]).astype(np.float32)))
-                groups.extend(g for g, _ in chunk)
-        if vectors:
-            results.extend(index.best_per_song_grouped(np.concatenate(vectors), np.asarray(groups), len(batch), stream_cfg.top_k))
-        else:
-            results.extend({} for _ in batch)
+        windows = [
+            (g, frames[end - n : end])
+            for g, end in enumerate(batch)
+            for n in window_frames
+            if n <= end and float(energy[end - n : end].mean()) >= silence
+        ]
+        queries, groups = embedder.embed_windows(windows, EMBED_BATCH)
+        results.extend(index.best_per_song_grouped(queries, groups, len(batch), stream_cfg.top_k))
     return np.asarray(times), results
 
 

@@ -62,6 +62,20 @@ class Embedder:
         assert frames.ndim == 3 and frames.shape[2] == N_BINS and frames.dtype == np.float32, (frames.shape, frames.dtype)
         return self._encoder.run(None, {"frames": frames})[0]
 
+    def embed_windows(self, windows: list[tuple[int, np.ndarray]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """[(owner, (T_i, F) window)] -> ((Q, D) embeddings, (Q,) their owners), in as few
+        encoder calls as possible: windows of one length together, `batch_size` per call."""
+        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for owner, window in windows:
+            by_length.setdefault(len(window), []).append((owner, window))
+        vectors, owners = [np.zeros((0, self.dim), np.float32)], []
+        for items in by_length.values():
+            for first in range(0, len(items), batch_size):
+                part = items[first : first + batch_size]
+                vectors.append(self.embed(np.stack([window for _, window in part]).astype(np.float32, copy=False)))
+                owners.extend(owner for owner, _ in part)
+        return np.concatenate(vectors), np.asarray(owners, dtype=np.int64)
+
     def cqt_whole(self, audio: np.ndarray) -> np.ndarray:
         """(N,) float32 -> (T, F) for a whole file, in overlapping pieces (bounded memory)."""
         return cqt_in_pieces(audio, self.kernel_length, self.cqt)

@@ -39,6 +39,7 @@ from streamer.rolling import MIN_FRAMES_PER_CALL, FrameRing, IncrementalCqt
 
 log = logging.getLogger(__name__)
 
+
 def frame_end_s(n_frames: int, kernel_length: int) -> float:
     """Seconds of audio needed to complete `n_frames` CQT frames (valid framing, hop 512)."""
     return ((n_frames - 1) * HOP_LENGTH + kernel_length) / SAMPLE_RATE if n_frames > 0 else 0.0
@@ -300,20 +301,11 @@ class Monitor:
             return
         pending, self._pending, self._pending_windows = self._pending, [], 0
         started = time.perf_counter()
-        by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for owner, decision in enumerate(pending):
-            for window in decision.windows:
-                by_length.setdefault(len(window), []).append((owner, window))
-        vectors, owners = [np.zeros((0, self.embedder.dim), np.float32)], []
-        for items in by_length.values():
-            for first in range(0, len(items), self.batch_size):
-                part = items[first : first + self.batch_size]
-                vectors.append(self.embedder.embed(np.stack([window for _, window in part])))
-                owners.extend(owner for owner, _ in part)
-        queries = np.concatenate(vectors)
-        now = self.times.add("embed", started) if owners else started  # all-silent hops embed and search nothing
-        scores = self.index.best_per_song_grouped(queries, np.asarray(owners, dtype=np.int64), len(pending), self.stream_cfg.top_k)
-        now = self.times.add("search", now) if owners else now
+        windows = [(owner, window) for owner, decision in enumerate(pending) for window in decision.windows]
+        queries, owners = self.embedder.embed_windows(windows, self.batch_size)
+        now = self.times.add("embed", started) if windows else started  # all-silent hops embed and search nothing
+        scores = self.index.best_per_song_grouped(queries, owners, len(pending), self.stream_cfg.top_k)
+        now = self.times.add("search", now) if windows else now
         for decision, song_scores in zip(pending, scores):
             for made in decision.state.decider.update(song_scores, decision.time_s):
                 self._outbox.append((decision.tag, self._event(decision.state, made)))

@@ -19,6 +19,12 @@ from streamer.audio import HOP_LENGTH, N_BINS, cqt_in_pieces
 MIN_FRAMES_PER_CALL = 8  # batch at least this many new frames per front-end call
 
 
+def hop_energy(samples: np.ndarray) -> np.ndarray:
+    """(n * HOP_LENGTH,) samples -> (n,) variance of each hop-long block: its mean square about
+    its own mean, so a DC offset counts as silence, not sound (the silence gate's measure)."""
+    return np.var(samples.reshape(-1, HOP_LENGTH), axis=1).astype(np.float32)
+
+
 class IncrementalCqt:
     """push((N,) float32 at SAMPLE_RATE) -> (frames (T, F), energy (T,)) for whatever became complete.
 
@@ -44,10 +50,10 @@ class IncrementalCqt:
         span = self._pending[: (n_frames - 1) * HOP_LENGTH + self.kernel_length]
         frames = cqt_in_pieces(span, self.kernel_length, self._cqt)  # a long chunk in fast-sized calls
         tail = span[self.kernel_length - HOP_LENGTH :]
-        energy = np.var(tail[: n_frames * HOP_LENGTH].reshape(n_frames, HOP_LENGTH), axis=1)
+        energy = hop_energy(tail[: n_frames * HOP_LENGTH])
         self._pending = self._pending[n_frames * HOP_LENGTH :]
         self.frames_done += n_frames
-        return frames, energy.astype(np.float32)
+        return frames, energy
 
 
 class FrameRing:

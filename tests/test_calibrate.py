@@ -156,3 +156,30 @@ def test_calibrate_cli_stores_thresholds_and_index_add_recalibrates(index_dir, r
     )
     assert json.loads(proc.stdout)["calibration"]["stream"]["n_songs"] == 4  # audio gone: kept, with a warning
     assert "thresholds are stale" in proc.stderr
+
+
+def test_calibration_gates_silence_as_the_daemon_does(index_dir, random_model_dir):
+    """A tune, then a DC offset of 0.3 with -80 dBFS noise: the daemon embeds no window of the
+    DC part, and the calibration's hop scores (index_builder.calibrate.hop_scores) skip the
+    same hops; both measure a hop's energy about its mean."""
+    from index_builder.calibrate import hop_scores
+    from index_builder.store import load_index
+    from streamer.config import StreamConfig
+    from streamer.embedder import Embedder
+    from streamer.pipeline import Monitor
+
+    cfg = StreamConfig(windows_s=[10.0], hop_s=2.5)
+    dc = 0.3 + 1e-4 * np.random.default_rng(0).standard_normal(30 * SAMPLE_RATE)
+    audio = np.concatenate([melody(0, 20.0), dc]).astype(np.float32)
+    embedder = Embedder(random_model_dir, threads=1)
+    times, scores = hop_scores(embedder, load_index(index_dir), audio, cfg)
+    dc_hops = [bool(s) for t, s in zip(times, scores) if t >= 20.0 + 10.0 + 1.0]  # windows wholly in the DC part
+    assert dc_hops and not any(dc_hops)
+    assert any(scores[i] for i, t in enumerate(times) if t <= 20.0)
+
+    monitor = Monitor(embedder, load_index(index_dir), cfg, DecisionConfig(start_threshold=0.99, end_threshold=0.9))
+    chunk = SAMPLE_RATE // 2
+    for first in range(0, len(audio), chunk):
+        monitor.process_chunk("s", audio[first : first + chunk], SAMPLE_RATE)
+    silent = monitor.streams["s"].counts["silent_windows"]
+    assert silent == sum(1 for s in scores if not s)  # the same hops gated in both
