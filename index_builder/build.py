@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
 from index_builder.calibrate import impostor_calibration, recalibrate_if_needed
-from index_builder.index_types import build_faiss_index, make_index, spec_for
+from index_builder.index_types import build_faiss_index, spec_for
 from index_builder.refs import Reference
 from index_builder.store import IndexStore, SongEntry, load_index, read_manifest, save_index
 from streamer.audio import frames_to_seconds, seconds_to_frames
@@ -61,11 +60,6 @@ def embed_reference(embedder: Embedder, frames: np.ndarray, cfg: IndexBuildConfi
     return vectors, seconds
 
 
-def make_faiss_index(index_type: str, dim: int, n_expected: int) -> faiss.Index:
-    """An empty inner-product FAISS index of the configured type ("auto" included), see index_types.py."""
-    return make_index(spec_for(index_type, dim, n_expected), dim)
-
-
 def embed_references(embedder: Embedder, refs: list[Reference], cfg: IndexBuildConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Embed every reference; an unreadable file aborts with an AudioError naming it."""
     all_vectors, all_spans = [], []
@@ -89,7 +83,13 @@ def _assemble(
         vector_song=np.concatenate([np.full(len(v), i, dtype=np.int32) for i, v in enumerate(vectors)]),
         vector_span=np.concatenate(spans),
         model_hash=embedder.info.model_hash,
-        settings={"segment_s": cfg.segment_s, "segment_hop_s": cfg.segment_hop_s, "whole_track": cfg.whole_track, "index_type": spec.index_type, "index": spec.to_settings()},
+        settings={
+            "segment_s": cfg.segment_s,
+            "segment_hop_s": cfg.segment_hop_s,
+            "whole_track": cfg.whole_track,
+            "index_type": spec.index_type,
+            "index": spec.to_settings(),
+        },
         calibration={},
     )
     store.calibration = impostor_calibration(store, cfg)
@@ -128,7 +128,7 @@ def add_to_index(index_dir: Path, refs: list[Reference], embedder: Embedder, cfg
 
 
 def index_info(index_dir: Path) -> dict:
-    """Summary of an index (verifies the FAISS file against the manifest)."""
+    """Summary of an index (verifies its data files against the manifest)."""
     manifest = read_manifest(index_dir)
     store = load_index(index_dir)
     return {
@@ -140,4 +140,6 @@ def index_info(index_dir: Path) -> dict:
         "calibration": store.calibration,
         "faiss_file": manifest["faiss_file"],
         "faiss_sha256": manifest["faiss_sha256"],
+        "table_file": manifest["table_file"],
+        "table_sha256": manifest["table_sha256"],
     }
