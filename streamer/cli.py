@@ -213,7 +213,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
-BENCHMARKS = ("streams", "stream", "model", "index", "store", "kafka", "soak")
+BENCHMARKS = ("streams", "stream", "model", "index", "store", "kafka", "soak", "separation")
 
 
 def cmd_bench(args: argparse.Namespace, cfg: Config) -> ExitCode:

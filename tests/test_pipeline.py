@@ -136,14 +136,6 @@ def test_thresholds_from_calibration_unless_configured():
         resolve_thresholds(DecisionConfig(), {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped model (held-out mAP 0.61 after 55 CPU-minutes of training) scores this cover's whole track "
-    "above the impostor-calibrated threshold of a 3-song catalog of random-walk melodies (0.933 against 0.909; the "
-    "previous model 0.911 against 0.929), and song1 leads nearly every live window, but only one 20-s window crosses "
-    "the threshold (0.919; the others 0.87-0.909), never start_hops in a row; a better model "
-    "is issue 3's work, and this test must then pass",
-)
 def test_default_model_finds_a_synthetic_cover(refs_csv, tmp_path):
     """Shipped model: a transposed, faster, differently voiced rendition of song1 is matched."""
     embedder = Embedder(DEFAULT_MODEL_DIR, threads=2)
