@@ -256,18 +256,24 @@ def _build(cls: type, table: dict, prefix: str, errors: list[str]) -> Any:
 
 
 def _kafka_security_checks(k: KafkaConfig) -> list[str]:
+    """Settings that only make sense together; every message names the keys involved."""
     errors = []
+    protocol = f"security_protocol {k.security_protocol}"
     sasl, tls = k.security_protocol.startswith("SASL_"), k.security_protocol.endswith("SSL")
+    sasl_given = [f"kafka.{key}" for key in ("sasl_plain_username", "sasl_password_file", "sasl_password_env") if getattr(k, key)]
+    ssl_given = [f"kafka.{key}" for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(k, key)]
     if sasl and not k.sasl_plain_username:
-        errors.append(f"kafka.sasl_plain_username: required with security_protocol {k.security_protocol}")
+        errors.append(f"kafka.sasl_plain_username: required with {protocol}")
     if sasl and bool(k.sasl_password_file) == bool(k.sasl_password_env):
-        errors.append("kafka: SASL needs exactly one of sasl_password_file and sasl_password_env")
-    if not sasl and (k.sasl_plain_username or k.sasl_password_file or k.sasl_password_env):
-        errors.append(f"kafka: SASL settings given but security_protocol is {k.security_protocol} (use SASL_SSL or SASL_PLAINTEXT)")
-    if not tls and (k.ssl_cafile or k.ssl_certfile or k.ssl_keyfile):
-        errors.append(f"kafka: ssl_* files given but security_protocol is {k.security_protocol} (use SSL or SASL_SSL)")
+        errors.append(f"kafka.sasl_password_file, kafka.sasl_password_env: {protocol} needs exactly one of them")
+    if not sasl and sasl_given:
+        errors.append(
+            f"{', '.join(sasl_given)}: SASL settings given but security_protocol is {k.security_protocol} (use SASL_SSL or SASL_PLAINTEXT)"
+        )
+    if not tls and ssl_given:
+        errors.append(f"{', '.join(ssl_given)}: TLS files given but security_protocol is {k.security_protocol} (use SSL or SASL_SSL)")
     if bool(k.ssl_certfile) != bool(k.ssl_keyfile):
-        errors.append("kafka: ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        errors.append("kafka.ssl_certfile, kafka.ssl_keyfile: go together (mutual TLS)")
     for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
         path = getattr(k, key)
         if path and not Path(path).is_file():
@@ -299,7 +305,9 @@ def parse_config(table: dict, source: str = "<config>") -> Config:
     kafka_table = table.get("kafka")
     secrets = [key for key in SECRET_KEYS if isinstance(kafka_table, dict) and key in kafka_table]
     for key in secrets:
-        errors.append(f"kafka.{key}: secrets do not belong in the config; name a file (kafka.sasl_password_file) or an environment variable (kafka.sasl_password_env)")
+        errors.append(
+            f"kafka.{key}: secrets do not belong in the config; name a file (kafka.sasl_password_file) or an environment variable (kafka.sasl_password_env)"
+        )
     if secrets:  # reported once, not again as unknown keys
         table = {**table, "kafka": {k: v for k, v in kafka_table.items() if k not in secrets}}
     cfg = _build(Config, table, "", errors)

@@ -166,9 +166,20 @@ def test_literal_password_in_config_is_refused():
 @pytest.mark.parametrize(
     "kafka, message",
     [
-        ({"security_protocol": "SASL_SSL", "sasl_plain_username": "u"}, "exactly one of sasl_password_file and sasl_password_env"),
+        (
+            {"security_protocol": "SASL_SSL", "sasl_plain_username": "u"},
+            "kafka.sasl_password_file, kafka.sasl_password_env: security_protocol SASL_SSL needs exactly one of them",
+        ),
         ({"security_protocol": "SASL_SSL", "sasl_password_env": "X"}, "kafka.sasl_plain_username: required"),
-        ({"security_protocol": "PLAINTEXT", "ssl_cafile": "/etc/hostname"}, "ssl_* files given but security_protocol is PLAINTEXT"),
+        (
+            {"sasl_plain_username": "u", "sasl_password_env": "X"},
+            "kafka.sasl_plain_username, kafka.sasl_password_env: SASL settings given but security_protocol is PLAINTEXT",
+        ),
+        (
+            {"security_protocol": "PLAINTEXT", "ssl_cafile": "/etc/hostname"},
+            "kafka.ssl_cafile: TLS files given but security_protocol is PLAINTEXT",
+        ),
+        ({"security_protocol": "SSL", "ssl_certfile": "/etc/hostname"}, "kafka.ssl_certfile, kafka.ssl_keyfile: go together"),
         (
             {"security_protocol": "SSL", "ssl_cafile": "/nonexistent/ca.pem"},
             "kafka.ssl_cafile: '/nonexistent/ca.pem' is not a readable file",
