@@ -49,16 +49,15 @@ def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     return float((pairs > 0).mean() + 0.5 * (pairs == 0).mean())
 
 
-def separation(embedder, index, calibration: Path, streams: list[Path], window_s: float, cfg: Config) -> dict:
+def separation(embedder, index, background: np.ndarray, streams: list[tuple[np.ndarray, list]], window_s: float, cfg: Config) -> dict:
+    """Decoded calibration audio and [(stream audio, its plays)] -> the figures for one window length."""
     stream_cfg = dataclasses.replace(cfg.stream, windows_s=[window_s], top_k=index.n_vectors)
-    _, background = hop_scores(embedder, index, load_audio(calibration), stream_cfg)
-    negatives = np.array([max(hop.values()) for hop in background if hop])
+    negatives = np.array([max(hop.values()) for hop in hop_scores(embedder, index, background, stream_cfg)[1] if hop])
+    rows = index.song_rows()
     positives, leads = [], []
-    for stream in streams:
-        truth = json.loads(stream.with_suffix(".json").read_text())
-        times, scores = hop_scores(embedder, index, load_audio(stream), stream_cfg)
-        rows = index.song_rows()
-        for play in plays_from_truth(truth):
+    for audio, plays in streams:
+        times, scores = hop_scores(embedder, index, audio, stream_cfg)
+        for play in plays:
             song = rows[play.song_id]
             for t, hop in zip(times, scores):
                 if play.start_s <= t - window_s and t <= play.end_s and song in hop:
@@ -87,14 +86,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     cfg = Config()
+    background = load_audio(args.calibration)  # decoded once, scored by every model at every window length
+    streams = [(load_audio(path), plays_from_truth(json.loads(path.with_suffix(".json").read_text()))) for path in args.streams]
     rows = []
     for label, model_dir, index_dir in args.model:
         embedder = Embedder(Path(model_dir), cfg.model.threads)
         index = load_index(Path(index_dir), expected_model_hash=embedder.info.model_hash)
         for window in args.windows:
-            row = {"model": f"{label} ({embedder.info.model_hash[:8]})"} | separation(
-                embedder, index, args.calibration, args.streams, window, cfg
-            )
+            row = {"model": f"{label} ({embedder.info.model_hash[:8]})"} | separation(embedder, index, background, streams, window, cfg)
             log.info("%s", row)
             rows.append(row)
     command = "python bench/bench_separation.py " + " ".join(sys.argv[1:])
