@@ -17,7 +17,9 @@ catalog's songs, so it grows with the catalog):
 
   and the start threshold solves that for `target_false_alarms_per_day`. The end
   threshold is the median block maximum: below it, a score is what unrelated audio
-  reaches anyway. An event's `p_value` is 1 - G(score): the chance that one block of
+  reaches anyway. A 1-per-day threshold lies far beyond the handful of maxima a short
+  calibration sees, so the fit is refitted on resampled maxima (bootstrap) and the
+  start threshold's 90 % interval is stored beside it, and logged. An event's `p_value` is 1 - G(score): the chance that one block of
   unrelated audio scores this high.
 
 Letters: H hops, N samples, T frames, F CQT bins.
@@ -43,6 +45,9 @@ IMPOSTOR_NEIGHBOURS = 64  # neighbours searched per vector for the impostor cali
 SECONDS_PER_DAY = 86400.0
 EULER_GAMMA = 0.5772156649015329
 MIN_BLOCKS = 10  # fewer usable blocks than this cannot be fitted
+STEADY_BLOCKS = 60  # fewer blocks than this (1 h at 60-s blocks): warn that the start threshold is loose
+BOOTSTRAP_RESAMPLES = 1000  # refits behind the start threshold's interval
+BOOTSTRAP_SEED = 0  # the interval is reproducible for the same audio
 HOPS_PER_SEARCH = 256  # hops embedded and searched per batch (bounds memory)
 EMBED_BATCH = 64  # windows per encoder call (offline: larger calls than the daemon's)
 
@@ -140,8 +145,20 @@ def block_maxima(stat: np.ndarray, hops_per_block: int) -> tuple[np.ndarray, int
     return blocks[np.isfinite(blocks)], n_blocks
 
 
+def bootstrap_interval(maxima: np.ndarray, p_block: float, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """(B,) block maxima -> 5th and 95th percentile of the fitted start threshold `isf(p_block)`
+    over `resamples` refits on maxima drawn with replacement: how far the few blocks of a
+    short calibration leave the threshold uncertain."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    draws = rng.integers(0, len(maxima), size=(resamples, len(maxima)))
+    starts = [fit_gumbel(maxima[row]).isf(p_block) for row in draws]
+    low, high = np.quantile(starts, [0.05, 0.95])
+    return float(low), float(high)
+
+
 def thresholds_for_rate(maxima: np.ndarray, n_blocks: int, block_s: float, target_per_day: float) -> dict:
-    """Gumbel fit of block maxima -> start threshold for `target_per_day` false alarms, end threshold."""
+    """Gumbel fit of block maxima -> start threshold for `target_per_day` false alarms (with its
+    bootstrap interval), end threshold."""
     if len(maxima) < MIN_BLOCKS:
         raise ValueError(f"only {len(maxima)} usable {block_s:g}-s blocks of calibration audio; need {MIN_BLOCKS} (give more audio)")
     gumbel = fit_gumbel(maxima)
@@ -155,6 +172,8 @@ def thresholds_for_rate(maxima: np.ndarray, n_blocks: int, block_s: float, targe
         "usable_share": usable,
         "block_s": block_s,
         "start_threshold": start,
+        "start_threshold_interval": list(bootstrap_interval(maxima, p_block)),
+        "n_blocks": len(maxima),
         "end_threshold": min(start, gumbel.isf(0.5)),
         "target_false_alarms_per_day": target_per_day,
     }
@@ -264,10 +283,17 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
     )
     store.calibration = {**store.calibration, "stream": fit}
     save_index(index_dir, store, embedder.info)
+    low, high = fit["start_threshold_interval"]
     log.info(
-        "calibrated %s on %.0f s of non-catalog audio: start %.3f, end %.3f for %g false alarms/day",
-        index_dir, seconds, fit["start_threshold"], fit["end_threshold"], build.target_false_alarms_per_day,
+        "calibrated %s on %.0f s of non-catalog audio: start %.3f (90 %% interval %.3f-%.3f), end %.3f for %g false alarms/day",
+        index_dir, seconds, fit["start_threshold"], low, high, fit["end_threshold"], build.target_false_alarms_per_day,
     )  # fmt: skip
+    if fit["n_blocks"] < STEADY_BLOCKS:
+        log.warning(
+            "%s: only %d usable %g-s blocks of calibration audio; the start threshold could lie anywhere in %.3f-%.3f. "
+            "Calibrate on %d min or more of non-catalog audio for a steadier one",
+            index_dir, fit["n_blocks"], fit["block_s"], low, high, round(STEADY_BLOCKS * fit["block_s"] / 60.0),
+        )  # fmt: skip
     return store.calibration
 
 

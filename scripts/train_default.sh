@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default model (streamer/default_model) and its evaluation reports.
 # Needs the train and data extras and Debian's fluidsynth + musescore-general-soundfont.
-# Three stages on 2 CPU cores:
+# Four stages on 2 CPU cores:
 #   1. the full recipe from scratch on 2000 rendered cover groups (~35 min rendering,
 #      ~6 min CQT features, ~45 min training: 7000 steps);
 #   2. fine-tuning of that encoder on the same groups with 30 % of the versions degraded
 #      (reverb, EQ, compression, noise, lossy codec) plus the training half of the real
 #      tune-variant groups (~27 min rendering, ~6 min features, ~12 min: 2500 steps);
 #   3. a longer run on stage 2's data from stage 2's encoder, crops up to 30 s
-#      (~50 min: 6000 steps).
-# The held-out variant families never enter either stage (--hold-out-variants; stage 1's
+#      (~50 min: 6000 steps);
+#   4. another on the same data from stage 3's encoder, crops up to 40 s (the daemon's
+#      longest window), lr 3e-4 restart (~50 min: 5000 steps).
+# The held-out variant families never enter any stage (--hold-out-variants; stage 1's
 # families are excluded from the held-out evaluation set by --exclude-trained).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,8 @@ coverwatch data variants --which train --out "$CACHE/variants/train" --seed 0
 coverwatch data merge --covers "$CACHE/covers_degraded/manifest.csv" --variants "$CACHE/variants/train/manifest.csv" --out "$CACHE/train_merged/manifest.csv"
 coverwatch --config scripts/finetune.toml train --manifest "$CACHE/train_merged/manifest.csv" --out "$RUN/stage2" --cache "$CACHE/features" --init "$RUN/stage1/best.pt"
 coverwatch --config scripts/finetune_long.toml train --manifest "$CACHE/train_merged/manifest.csv" --out "$RUN/stage3" --cache "$CACHE/features" --init "$RUN/stage2/best.pt"
-coverwatch export --checkpoint "$RUN/stage3/best.pt" --out streamer/default_model
+coverwatch --config scripts/finetune_stage4.toml train --manifest "$CACHE/train_merged/manifest.csv" --out "$RUN/stage4" --cache "$CACHE/features" --init "$RUN/stage3/best.pt"
+coverwatch export --checkpoint "$RUN/stage4/best.pt" --out streamer/default_model
 
 # Evaluation: rendered covers never trained on, and real tune variants never trained on
 coverwatch evaluate --manifest "$CACHE/covers/manifest.csv" --split val --report bench/MODEL_RESULTS.md

@@ -14,6 +14,7 @@ from index_builder.calibrate import (
     SECONDS_PER_DAY,
     Gumbel,
     block_maxima,
+    bootstrap_interval,
     false_alarms_per_day,
     fit_gumbel,
     leaders,
@@ -67,6 +68,24 @@ def test_threshold_grows_with_catalog_size_and_with_stricter_targets():
         fits[n_songs] = {t: thresholds_for_rate(maxima, n_blocks, 60.0, t)["start_threshold"] for t in (10.0, 1.0, 0.1)}
     assert fits[1000][1.0] > fits[10][1.0] + 0.05  # the maximum over more songs is higher
     assert fits[10][10.0] < fits[10][1.0] < fits[10][0.1]
+
+
+def test_start_threshold_interval_covers_the_truth_and_narrows_with_more_blocks():
+    """The bootstrap interval on synthetic Gumbel maxima: it holds the true 1-per-day threshold
+    for most draws (percentile bootstraps of far quantiles run below their nominal 90 % on few
+    blocks: 73 % at 20 blocks, 88 % at 200 in a 100-draw check), and it narrows as blocks grow."""
+    truth_law, p_block = Gumbel(0.38, 0.04), 1.0 / 1440.0  # 60-s blocks, 1 false alarm per day
+    truth = truth_law.isf(p_block)
+    widths, covered = {}, {}
+    for n_blocks in (20, 200):
+        intervals = [bootstrap_interval(np.random.default_rng(seed).gumbel(0.38, 0.04, n_blocks), p_block) for seed in range(40)]
+        widths[n_blocks] = float(np.median([high - low for low, high in intervals]))
+        covered[n_blocks] = np.mean([low <= truth <= high for low, high in intervals])
+    assert covered[20] >= 0.6 and covered[200] >= 0.75, covered
+    assert widths[200] < widths[20] / 1.8, widths
+    fit = thresholds_for_rate(np.random.default_rng(0).gumbel(0.38, 0.04, 30), 30, 60.0, 1.0)
+    low, high = fit["start_threshold_interval"]
+    assert low < fit["start_threshold"] < high and fit["n_blocks"] == 30
 
 
 def test_too_little_audio_is_refused():
