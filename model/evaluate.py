@@ -103,10 +103,11 @@ def chroma_figures(frames: list[np.ndarray], groups: np.ndarray) -> dict:
 
 
 def evaluate_heldout(
-    manifest: Path, model_dir: Path, report: Path, threads: int, split: str = "val", previous_model_dir: Path | None = None
+    manifest: Path, model_dir: Path, report: Path | None, threads: int, split: str = "val", previous_model_dir: Path | None = None
 ) -> dict:
     """Compute all figures (the model, optionally a previous model, chroma, random), write a
-    Markdown report and a plot of mAP against excerpt length, return the figures."""
+    Markdown report and a plot of mAP against excerpt length when `report` is given, return
+    the figures."""
     embedder = Embedder(model_dir, threads)
     train_items, val_items = read_split(manifest)
     items = val_items if split == "val" else train_items
@@ -128,8 +129,9 @@ def evaluate_heldout(
     random_sim = np.random.default_rng(0).random((len(frames), len(frames)))
     methods["random"] = {"whole_track": evaluate_similarity(random_sim, groups_arr, groups_arr, exclude_self=True).as_dict(), "excerpts": {}}
     results = {"tracks": len(frames), "groups": len(set(groups)), "model_hash": embedder.info.model_hash, "methods": methods}
-    write_report(report, results, manifest, split)
-    plot_excerpts(report.with_name(report.stem + "_excerpts.png"), results)
+    if report is not None:  # without one the figures are only returned (a one-off check writes nothing into the repo)
+        write_report(report, results, manifest, split)
+        plot_excerpts(report.with_name(report.stem + "_excerpts.png"), results)
     return results
 
 

@@ -176,7 +176,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from model.evaluate import evaluate_heldout
 
     previous = Path(args.previous_model) if args.previous_model else None
-    report = evaluate_heldout(Path(args.manifest), resolve_model_dir(cfg.model.path), Path(args.report), cfg.model.threads, args.split, previous)
+    report_path = Path(args.report) if args.report else None
+    report = evaluate_heldout(Path(args.manifest), resolve_model_dir(cfg.model.path), report_path, cfg.model.threads, args.split, previous)
     print(json.dumps(report))
     return ExitCode.OK
 
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--manifest", required=True)
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--model")
-    evaluate.add_argument("--report", default="bench/MODEL_RESULTS.md")
+    evaluate.add_argument("--report", default=None, help="write a Markdown report (and its plot) here, e.g. bench/MODEL_RESULTS.md")
     evaluate.add_argument("--previous-model", default=None, help="also evaluate this model folder, for comparison")
     evaluate.set_defaults(func=cmd_evaluate)
 

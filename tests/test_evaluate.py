@@ -1,4 +1,5 @@
-"""`coverwatch evaluate` end to end on a tiny manifest: report, plot, the comparison row."""
+"""`coverwatch evaluate` end to end on a tiny manifest: report, plot, the comparison row, and no
+files when no report is asked for."""
 
 from __future__ import annotations
 
@@ -33,3 +34,7 @@ def test_evaluate_writes_report_and_plot_with_a_previous_model(random_model_dir,
     text = report.read_text()
     assert "| chroma_2dftm |" in text and "5s excerpts" in text and "30s excerpts" in text
     assert (tmp_path / "RESULTS_excerpts.png").stat().st_size > 1000
+    before = sorted(tmp_path.iterdir())
+    quiet = evaluate_heldout(manifest, random_model_dir, None, threads=1)  # no report asked for: nothing written
+    assert sorted(tmp_path.iterdir()) == before
+    assert quiet["methods"]["model"] == methods["model"]
