@@ -642,6 +642,10 @@ PEAK_LEVEL = 0.9  # renders are peak-normalised to this
 SILENCE_DB = -60.0  # trailing audio quieter than this (relative to the peak) is trimmed
 END_FADE_S = 0.02  # fade at the very end to avoid a click after trimming
 CUT_FADE_S = 1.0  # fade-out when `max_seconds` cuts the music short
+# fluidsynth's file renderer runs until every voice has died away; a held organ note that
+# a note-off never reaches sounds forever (seen: 9700 s of audio in 20 s, then the timeout).
+# "All sound off" this long after the last note ends such voices once releases have faded.
+SOUND_OFF_AFTER_S = 5.0
 
 
 def synth_soundfont(soundfont: Path) -> Path:
@@ -734,6 +738,12 @@ def _convert_sf3(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def silence_all_voices(midi: pretty_midi.PrettyMIDI, at_s: float) -> None:
+    """Append "all sound off" (MIDI CC 120) on every instrument's channel at `at_s` seconds."""
+    for instrument in midi.instruments:
+        instrument.control_changes.append(pretty_midi.ControlChange(number=120, value=0, time=at_s))
+
+
 def render(tune: Tune, arrangement: Arrangement, max_seconds: float | None = None) -> np.ndarray:
     """Synthesise `tune` under `arrangement`: float32 mono, shape (n_samples,), at SAMPLE_RATE.
 
@@ -746,6 +756,7 @@ def render(tune: Tune, arrangement: Arrangement, max_seconds: float | None = Non
     midi = arrange(tune, arrangement, max_seconds)
     if not midi.instruments:
         raise RenderError(f"{tune.tune_id}: nothing to play")
+    silence_all_voices(midi, midi.get_end_time() + SOUND_OFF_AFTER_S)
     with tempfile.TemporaryDirectory(prefix="coverwatch-render-") as tmp:
         midi_path, wav_path = Path(tmp) / "in.mid", Path(tmp) / "out.wav"
         midi.write(str(midi_path))

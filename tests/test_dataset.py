@@ -216,3 +216,19 @@ def test_failed_renders_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     manifest = build_cover_dataset(tmp_path / "out", **TINY)
     assert read_manifest(manifest) == []
     assert not list((tmp_path / "out").rglob("*.flac"))
+
+
+@needs_fluidsynth
+def test_render_ends_a_voice_that_never_dies_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This tune under this church-organ arrangement, cut at exactly this length, leaves a
+    voice sounding after its last note, and fluidsynth's file renderer ran until the timeout
+    (found in the demo's calibration audio). "All sound off" after the music ends lets the
+    render finish."""
+    monkeypatch.setattr(render, "FLUIDSYNTH_TIMEOUT_S", 30)  # a regression fails in 30 s, not 120
+    source = next(s for s in scan_corpus(["essenFolksong"]) if s.tune_id == "essenFolksong/erk10/178")
+    arrangement = render.Arrangement(
+        soundfont=HELD_OUT_SOUNDFONT, program=19, transpose=-2, tempo_bpm=101.61, accompaniment="full", octave_shift=-1,
+        ornament="passing", swing=0.0, velocity=94, repeats=3, accomp_program=19, bass_program=34,
+    )  # fmt: skip
+    audio = render.render(parse_tune(source), arrangement, max_seconds=56.98274601388158)
+    assert abs(len(audio) / SAMPLE_RATE - 56.98) < 0.5
