@@ -18,9 +18,9 @@ catalog's songs, so it grows with the catalog):
   and the start threshold solves that for `target_false_alarms_per_day`. The end
   threshold is the median block maximum: below it, a score is what unrelated audio
   reaches anyway. A 1-per-day threshold lies far beyond the handful of maxima a short
-  calibration sees, so the fit is refitted on resampled maxima (bootstrap) and the
-  start threshold's 90 % interval is stored beside it, and logged. An event's `p_value` is 1 - G(score): the chance that one block of
-  unrelated audio scores this high.
+  calibration sees, so the fit is redone on resampled maxima (bootstrap) and the start
+  threshold's 90 % interval is stored beside it, and logged. An event's `p_value` is
+  1 - G(score): the chance that one block of unrelated audio scores this high.
 
 Letters: H hops, N samples, T frames, F CQT bins.
 """

@@ -642,9 +642,10 @@ PEAK_LEVEL = 0.9  # renders are peak-normalised to this
 SILENCE_DB = -60.0  # trailing audio quieter than this (relative to the peak) is trimmed
 END_FADE_S = 0.02  # fade at the very end to avoid a click after trimming
 CUT_FADE_S = 1.0  # fade-out when `max_seconds` cuts the music short
-# fluidsynth's file renderer runs until every voice has died away; a held organ note that
-# a note-off never reaches sounds forever (seen: 9700 s of audio in 20 s, then the timeout).
-# "All sound off" this long after the last note ends such voices once releases have faded.
+# fluidsynth's file renderer runs until every voice has died away, and a church-organ
+# rendition once left a voice sounding after its last note (9700 s of audio written in 20 s,
+# then the timeout). "All sound off" this long after the last note ends such a voice once
+# ordinary releases have faded (other renders are byte-identical with it).
 SOUND_OFF_AFTER_S = 5.0
 
 

@@ -31,8 +31,9 @@ from streamer.scoring import Play, score_stream
 log = logging.getLogger(__name__)
 
 CALIBRATION_SEED = 1  # the demo's calibration audio (a background stream of model/simulate.py)
-# An hour gives the 60 one-minute blocks below which `coverwatch calibrate` warns: on 20 minutes
-# the start threshold's 90 % bootstrap interval was about 0.19 wide, on 60 about 0.09.
+# An hour gives the 60 one-minute blocks below which `coverwatch calibrate` warns: on the
+# simulated catalog the start threshold's 90 % bootstrap interval was 0.19 wide from 20 minutes
+# of audio, 0.09 from an hour.
 CALIBRATION_MINUTES = 60.0
 
 
