@@ -1,5 +1,9 @@
 """Training losses. Each returns a scalar tensor; `cover_loss` combines them with named terms.
 
+Labels >= 0 are cover groups. A negative label marks an out-of-catalog crop (model/negatives.py);
+each has its own, so it is every group's negative in the triplet terms and never an anchor
+(it has no positive), and the classifier never sees it.
+
 Letters: B batch, D embedding dims, K classes.
 """
 
@@ -48,6 +52,26 @@ def batch_all_triplet(embeddings: torch.Tensor, labels: torch.Tensor, margin: fl
 TRIPLET_MINING = {"hard": batch_hard_triplet, "all": batch_all_triplet}
 
 
+def outside_similarity_hinge(
+    embeddings: torch.Tensor, labels: torch.Tensor, ceiling: float, bank: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over out-of-catalog rows (label < 0) of relu(max cosine to any cover - ceiling).
+
+    The covers are the batch's cover rows plus `bank` (M, D), unit vectors of earlier
+    batches' covers (no gradient): a bank of a few thousand stands in for a catalog, so the
+    maximum is the one the live threshold is set on. This term pushes that maximum down, in
+    absolute terms; the triplet terms only order it below each group's own positives.
+    0 without out-of-catalog rows or covers.
+    """
+    outside, cover = labels < 0, labels >= 0
+    unit = F.normalize(embeddings, dim=1)
+    covers = unit[cover] if bank is None else torch.cat([unit[cover], bank])
+    if not outside.any() or not len(covers):
+        return embeddings.sum() * 0.0
+    best = (unit[outside] @ covers.T).max(1).values
+    return F.relu(best - ceiling).mean()
+
+
 def cover_loss(
     embeddings: torch.Tensor,
     logits: torch.Tensor,
@@ -58,11 +82,15 @@ def cover_loss(
     triplet_weight: float,
     ce_weight: float,
     label_smoothing: float,
+    outside_weight: float = 0.0,
+    outside_ceiling: float = 0.0,
+    outside_bank: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Triplet (batch-hard or batch-all mining) on the embeddings + cross-entropy on the classifier.
+    """Triplet (batch-hard or batch-all mining) on the embeddings + cross-entropy on the classifier
+    (cover rows only) + the out-of-catalog hinge (against the batch's covers and `outside_bank`).
 
     embeddings (B, D), logits (B, K), labels (B,). A term with weight 0 is not computed.
-    Returns (total, {"triplet": .., "ce": ..}).
+    Returns (total, {"triplet": .., "ce": .., "outside": ..}).
     """
     total = embeddings.new_zeros(())
     terms: dict[str, float] = {}
@@ -71,7 +99,12 @@ def cover_loss(
         total = total + triplet_weight * triplet
         terms["triplet"] = float(triplet.detach())
     if ce_weight > 0:
-        ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        cover = labels >= 0
+        ce = F.cross_entropy(logits[cover], labels[cover], label_smoothing=label_smoothing)
         total = total + ce_weight * ce
         terms["ce"] = float(ce.detach())
+    if outside_weight > 0 and bool((labels < 0).any()):
+        outside = outside_similarity_hinge(embeddings, labels, outside_ceiling, outside_bank)
+        total = total + outside_weight * outside
+        terms["outside"] = float(outside.detach())
     return total, terms

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from model.augment import pitch_shift, spec_augment, time_stretch
 from model.features import Track, load_tracks
 from model.losses import cover_loss
+from model.negatives import read_negative_manifest
 from model.network import CoverEncoder, ModelDims
 from model.retrieval_metrics import RetrievalScores, evaluate_similarity
 from streamer.audio import seconds_to_frames
@@ -42,6 +44,7 @@ class TrainPaths:
     out_dir: Path  # checkpoints, curve plot, metrics
     cache_dir: Path  # cached CQT features
     init: Path | None = None  # start from this checkpoint's encoder (fine-tuning); its classifier is dropped
+    negatives: Path | None = None  # manifest of out-of-catalog music (model/negatives.py), used when outside_per_batch > 0
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -81,8 +84,29 @@ def read_split(manifest: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, 
     return train, val
 
 
-def sample_batch(groups: list[list[Track]], cfg: TrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """P groups x V versions of augmented crops of one random length -> ((B, L, F), (B,) labels)."""
+def augmented_crop(frames: np.ndarray, length: int, cfg: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """(T, F) track -> (length, F) crop at a random place, tempo and key, with SpecAugment."""
+    rate = float(np.exp(rng.uniform(np.log(cfg.tempo_min), np.log(cfg.tempo_max))))
+    span = min(len(frames), max(2, round(length * rate)))
+    start = int(rng.integers(0, len(frames) - span + 1))
+    crop = torch.from_numpy(frames[start : start + span].astype(np.float32))
+    crop = time_stretch(crop, span / length)
+    if len(crop) < length:  # track shorter than the crop: repeat it, as a song's repeats would
+        crop = crop.repeat(math.ceil(length / len(crop)), 1)
+    crop = crop[:length]
+    shift = int(rng.integers(-cfg.pitch_shift_bins, cfg.pitch_shift_bins + 1)) if cfg.pitch_shift_bins else 0
+    return spec_augment(pitch_shift(crop, shift), rng, cfg.freq_mask_bins, cfg.time_mask_fraction)
+
+
+def sample_batch(
+    groups: list[list[Track]], cfg: TrainConfig, rng: np.random.Generator, outside: list[Track] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P groups x V versions of augmented crops of one random length, then (with `outside`)
+    cfg.outside_per_batch out-of-catalog crops of that length -> ((B, L, F), (B,) labels).
+
+    Cover crops are labelled with their group's index; out-of-catalog crops -1, -2, ...
+    (each its own, see model/losses.py).
+    """
     chosen = rng.choice(len(groups), size=cfg.groups_per_batch, replace=False)
     length = seconds_to_frames(float(rng.uniform(cfg.crop_min_s, cfg.crop_max_s)))
     crops, labels = [], []
@@ -90,19 +114,12 @@ def sample_batch(groups: list[list[Track]], cfg: TrainConfig, rng: np.random.Gen
         versions = groups[label]
         picks = rng.choice(len(versions), size=cfg.versions_per_group, replace=len(versions) < cfg.versions_per_group)
         for pick in picks:
-            frames = versions[pick].frames
-            rate = float(np.exp(rng.uniform(np.log(cfg.tempo_min), np.log(cfg.tempo_max))))
-            span = min(len(frames), max(2, int(round(length * rate))))
-            start = int(rng.integers(0, len(frames) - span + 1))
-            crop = torch.from_numpy(frames[start : start + span].astype(np.float32))
-            crop = time_stretch(crop, span / length)
-            if len(crop) < length:  # track shorter than the crop: repeat it, as a song's repeats would
-                crop = crop.repeat(math.ceil(length / len(crop)), 1)
-            crop = crop[:length]
-            shift = int(rng.integers(-cfg.pitch_shift_bins, cfg.pitch_shift_bins + 1)) if cfg.pitch_shift_bins else 0
-            crop = spec_augment(pitch_shift(crop, shift), rng, cfg.freq_mask_bins, cfg.time_mask_fraction)
-            crops.append(crop)
+            crops.append(augmented_crop(versions[pick].frames, length, cfg, rng))
             labels.append(int(label))
+    if len(outside):
+        for n, pick in enumerate(rng.choice(len(outside), size=cfg.outside_per_batch, replace=len(outside) < cfg.outside_per_batch)):
+            crops.append(augmented_crop(outside[pick].frames, length, cfg, rng))
+            labels.append(-1 - n)
     return torch.stack(crops), torch.tensor(labels)
 
 
@@ -174,12 +191,22 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
     train_tracks, skipped_train = load_tracks(train_items, paths.cache_dir, desc="CQT train")
     val_tracks, skipped_val = load_tracks(val_items, paths.cache_dir, desc="CQT val")
     groups = _group_tracks(train_tracks)
+    outside: list[Track] = []
+    if cfg.outside_per_batch > 0:
+        if paths.negatives is None:
+            raise ValueError("[train] outside_per_batch > 0 needs a negatives manifest (coverwatch train --negatives)")
+        outside, skipped_outside = load_tracks(
+            [("outside", p) for p in read_negative_manifest(paths.negatives)], paths.cache_dir, desc="CQT outside"
+        )
+        if not outside:
+            raise ValueError(f"{paths.negatives}: no readable out-of-catalog audio ({skipped_outside} skipped)")
     if len(groups) < cfg.groups_per_batch:
         raise ValueError(f"only {len(groups)} training groups with >= 2 versions; need {cfg.groups_per_batch}")
     log.info(
-        "training groups=%d tracks=%d val tracks=%d skipped=%d",
+        "training groups=%d tracks=%d out-of-catalog tracks=%d val tracks=%d skipped=%d",
         len(groups),
         len(train_tracks),
+        len(outside),
         len(val_tracks),
         skipped_train + skipped_val,
     )
@@ -212,6 +239,8 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
         )
         tmp.replace(path)
 
+    # Unit vectors of recent batches' cover crops, for the out-of-catalog hinge (a stand-in catalog).
+    bank: deque[torch.Tensor] = deque(maxlen=cfg.outside_bank_batches)
     rng = np.random.default_rng([cfg.seed, state["step"]])  # resuming continues a fresh, reproducible stream
     torch.manual_seed(cfg.seed + state["step"])
     model.train()
@@ -220,7 +249,7 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, cfg)
-        frames, labels = sample_batch(groups, cfg, rng)
+        frames, labels = sample_batch(groups, cfg, rng, outside)
         necked = model.features(frames.to(device))
         # The triplet acts on the BNNeck output, the vector retrieval uses: on the raw
         # projection, cosine distances collapsed to ~0 for every pair early in training.
@@ -233,7 +262,12 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
             triplet_weight=cfg.triplet_weight,
             ce_weight=cfg.ce_weight,
             label_smoothing=cfg.label_smoothing,
+            outside_weight=cfg.outside_weight,
+            outside_ceiling=cfg.outside_ceiling,
+            outside_bank=torch.cat(list(bank)) if bank else None,
         )
+        if cfg.outside_bank_batches:
+            bank.append(torch.nn.functional.normalize(necked.detach()[labels.to(device) >= 0], dim=1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -121,7 +121,8 @@ def cmd_train(args: argparse.Namespace, cfg: Config) -> ExitCode:
 
     cache = Path(args.cache) if args.cache else Path(args.out) / "features"
     init = Path(args.init) if args.init else None
-    metrics = train(cfg.train, TrainPaths(Path(args.manifest), Path(args.out), cache, init))
+    negatives = Path(args.negatives) if args.negatives else None
+    metrics = train(cfg.train, TrainPaths(Path(args.manifest), Path(args.out), cache, init, negatives))
     print(json.dumps(metrics))
     return ExitCode.OK
 
@@ -166,6 +167,10 @@ def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
         from model.variants import merge_training_manifests
 
         path = merge_training_manifests(Path(args.covers), Path(args.variants), Path(args.out))
+    elif args.data_command == "negatives":
+        from model.negatives import build_negative_manifest
+
+        path = build_negative_manifest(Path(args.out))
     else:
         path = build_demo(Path(args.out))
     print(str(path))
@@ -278,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder: checkpoints, curve")
     train.add_argument("--cache", default=None, help="CQT feature cache (default OUT/features)")
     train.add_argument("--init", default=None, metavar="CHECKPOINT", help="fine-tune: start from this run's encoder (same dims)")
+    train.add_argument(
+        "--negatives", default=None, metavar="MANIFEST", help="out-of-catalog music (`data negatives`), for [train] outside_per_batch"
+    )
     train.set_defaults(func=cmd_train)
 
     export = sub.add_parser("export", help="export a checkpoint to ONNX + sidecar")
@@ -315,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_merge.add_argument("--covers", required=True, metavar="MANIFEST", help="manifest.csv of `data build`")
     data_merge.add_argument("--variants", required=True, metavar="MANIFEST", help="manifest.csv of `data variants --which train`")
     data_merge.add_argument("--out", required=True, help="merged manifest.csv (paths relative to its folder)")
+    data_negatives = data_sub.add_parser("negatives", help="list installed out-of-catalog training music (model/negatives.py)")
+    data_negatives.add_argument("--out", required=True)
     data_demo = data_sub.add_parser("demo")
     data_demo.add_argument("--out", required=True)
     data.set_defaults(func=cmd_data)

@@ -163,6 +163,10 @@ class TrainConfig:
     triplet_weight: float = _f(1.0, 0.0)
     ce_weight: float = _f(1.0, 0.0)
     label_smoothing: float = _f(0.1, 0.0, 0.9)
+    outside_per_batch: int = _f(0, 0)  # out-of-catalog crops per batch (train --negatives); 0 = none
+    outside_weight: float = _f(1.0, 0.0)  # weight of their hinge on max similarity to the batch's covers
+    outside_ceiling: float = _f(0.3, -1.0, 1.0)  # cosine above which that hinge pushes down
+    outside_bank_batches: int = _f(0, 0)  # earlier batches' covers the hinge also compares with (0 = this batch only)
     pitch_shift_bins: int = _f(6, 0, 24)  # random CQT roll, in semitones
     tempo_min: float = _f(0.8, 0.25, 1.0)  # random time-stretch of CQT frames
     tempo_max: float = _f(1.25, 1.0, 4.0)

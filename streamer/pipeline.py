@@ -53,7 +53,7 @@ class ChunkError(AudioError):
 class Thresholds:
     start: float
     end: float
-    source: str  # "config" or "index calibration"
+    source: str  # "config", "stream calibration", "index calibration", or "config + ..." when config sets one of the two
 
 
 def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Thresholds:
@@ -67,6 +67,8 @@ def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Threshold
         raise ValueError("the index has no calibration; set decision.start_threshold and decision.end_threshold")
     start = decision.start_threshold or float(fitted["start_threshold"])
     end = decision.end_threshold or min(start, float(fitted["end_threshold"]))
+    if decision.start_threshold or decision.end_threshold:  # say so: a log reading "stream calibration" for a configured start misleads
+        source = f"config + {source}"
     return Thresholds(start, end, source)
 
 

@@ -129,7 +129,7 @@ def test_thresholds_prefer_config_then_stream_then_impostor_calibration():
     t = resolve_thresholds(DecisionConfig(), calibration())
     assert (t.start, t.end, t.source) == (0.62, 0.5, "stream calibration")
     t = resolve_thresholds(DecisionConfig(start_threshold=0.55), calibration())
-    assert (t.start, t.end) == (0.55, 0.5)
+    assert (t.start, t.end, t.source) == (0.55, 0.5, "config + stream calibration")
     t = resolve_thresholds(DecisionConfig(), {"start_threshold": 0.9, "end_threshold": 0.8})
     assert (t.start, t.source) == (0.9, "index calibration")
 

@@ -134,3 +134,51 @@ def test_corrupt_and_silent_files_are_skipped_and_counted(tmp_path):
     tracks, skipped = load_tracks(items, tmp_path / "cache")
     assert [t.path.name for t in tracks] == ["good.wav"] and skipped == 3
     assert tracks[0].frames.ndim == 2 and tracks[0].frames.shape[1] == 84
+
+
+def _negative_music(folder: Path) -> dict[str, Path]:
+    """A fake package folder: two long pieces (noise bursts, a chord drone), a short sting
+    and a corrupt file."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    t = np.arange(int(25 * SAMPLE_RATE)) / SAMPLE_RATE
+    bursts = (rng.standard_normal(len(t)) * (np.sin(2 * np.pi * 2.0 * t) > 0.5) * 0.2).astype(np.float32)
+    drone = (0.2 * sum(np.sin(2 * np.pi * f * t) for f in (196.0, 246.9, 293.7))).astype(np.float32)
+    soundfile.write(folder / "bursts.ogg", bursts, SAMPLE_RATE)
+    soundfile.write(folder / "drone.flac", drone, SAMPLE_RATE)
+    soundfile.write(folder / "sting.wav", drone[: 3 * SAMPLE_RATE], SAMPLE_RATE)
+    (folder / "broken.ogg").write_bytes(b"OggS not really")
+    return {"fake-music-data": folder}
+
+
+def test_negative_manifest_lists_long_readable_music_only(tmp_path):
+    from model.negatives import build_negative_manifest, read_negative_manifest
+
+    manifest = build_negative_manifest(tmp_path / "negatives", _negative_music(tmp_path / "pkg"))
+    assert [p.name for p in read_negative_manifest(manifest)] == ["bursts.ogg", "drone.flac"]
+    with pytest.raises(FileNotFoundError, match="apt-get install absent-music"):
+        build_negative_manifest(tmp_path / "none", {"absent-music": tmp_path / "no-such-folder"})
+
+
+def test_training_with_out_of_catalog_negatives(tmp_path):
+    from model.features import load_tracks
+    from model.negatives import build_negative_manifest
+    from model.train import _group_tracks, sample_batch
+
+    negatives = build_negative_manifest(tmp_path / "negatives", _negative_music(tmp_path / "pkg"))
+    cfg = dataclasses.replace(TINY, outside_per_batch=3, outside_ceiling=-1.0, outside_bank_batches=2)  # every outside crop is pushed
+    manifest = _manifest(tmp_path / "a", 4, 0)
+    with pytest.raises(ValueError, match="needs a negatives manifest"):
+        train(cfg, TrainPaths(manifest, tmp_path / "run0", tmp_path / "cache"))
+
+    result = train(cfg, TrainPaths(manifest, tmp_path / "run", tmp_path / "cache", negatives=negatives))
+    assert result["steps"] == 4
+    history = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["history"]
+    assert all(h["outside"] > 0 for h in history if "loss" in h)
+
+    tracks, _ = load_tracks([("g0", tmp_path / "a" / "g0v0.wav"), ("g0", tmp_path / "a" / "g0v1.wav"),
+                             ("g1", tmp_path / "a" / "g1v0.wav"), ("g1", tmp_path / "a" / "g1v1.wav")], tmp_path / "cache")  # fmt: skip
+    outside, _ = load_tracks([("outside", tmp_path / "pkg" / "drone.flac")], tmp_path / "cache")
+    frames, labels = sample_batch(_group_tracks(tracks), cfg, np.random.default_rng(0), outside)
+    assert labels.tolist()[-3:] == [-1, -2, -3] and sorted(set(labels.tolist()[:-3])) == [0, 1]
+    assert frames.shape[0] == 2 * 2 + 3
