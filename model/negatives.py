@@ -58,17 +58,16 @@ def negative_music_files(dirs: dict[str, Path] = NEGATIVE_MUSIC_DIRS) -> list[tu
 
 def build_negative_manifest(out: Path, dirs: dict[str, Path] = NEGATIVE_MUSIC_DIRS) -> Path:
     """Write out/manifest.csv (absolute path, package, seconds) and return its path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # Here, not at the top: model.render needs the data extra, and training (which reads
+    # these manifests) must run with the train extra alone.
+    from model.dataset import _csv_text
+    from model.render import write_text_atomic
+
     files = negative_music_files(dirs)
-    manifest = out / "manifest.csv"
-    tmp = manifest.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(NEGATIVE_COLUMNS)
-        for package, path, seconds in files:
-            writer.writerow([str(path.resolve()), package, f"{seconds:.1f}"])
-    tmp.replace(manifest)
+    manifest = Path(out) / "manifest.csv"
+    write_text_atomic(
+        manifest, _csv_text(NEGATIVE_COLUMNS, [(str(path.resolve()), package, f"{seconds:.1f}") for package, path, seconds in files])
+    )
     log.info(
         "negative music: %d files, %.0f min, from %d package(s)",
         len(files),
@@ -79,7 +78,7 @@ def build_negative_manifest(out: Path, dirs: dict[str, Path] = NEGATIVE_MUSIC_DI
 
 
 def read_negative_manifest(manifest: Path) -> list[Path]:
-    """Audio paths of a negative manifest (CSV with a `path` column, relative to its folder)."""
+    """Audio paths of a negative manifest (CSV with a `path` column: absolute, or relative to its folder)."""
     with Path(manifest).open(newline="") as fh:
         reader = csv.DictReader(fh)
         if "path" not in (reader.fieldnames or []):

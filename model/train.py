@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
             outside_ceiling=cfg.outside_ceiling,
             outside_bank=torch.cat(list(bank)) if bank else None,
         )
-        if cfg.outside_bank_batches:
+        if outside and cfg.outside_bank_batches:  # the bank only serves the out-of-catalog hinge
             bank.append(torch.nn.functional.normalize(necked.detach()[labels.to(device) >= 0], dim=1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
