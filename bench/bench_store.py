@@ -62,7 +62,8 @@ def synthetic_store(n_songs: int, index: faiss.Index, model_hash: str) -> IndexS
     vector_song = np.repeat(np.arange(n_songs, dtype=np.int32), SEGMENTS_PER_SONG)
     starts = np.tile(np.arange(SEGMENTS_PER_SONG, dtype=np.float32) * 10.0, n_songs)
     spans = np.stack([starts, starts + 20.0], axis=1)
-    return IndexStore(index, songs, vector_song, spans, model_hash, {"index_type": "pq8-bench"}, {})
+    no_chroma = (np.zeros((0, 12), np.float16), np.zeros(n_songs + 1, np.int64))  # the bench measures vectors and manifest
+    return IndexStore(index, songs, vector_song, spans, model_hash, {"index_type": "pq8-bench"}, {}, *no_chroma)
 
 
 def format1_costs(store: IndexStore, folder: Path) -> dict:

@@ -7,7 +7,7 @@ Prints and records in bench/RESULTS.md:
     decision and over all chunks;
   * the split of time between resampling, CQT, encoder, search and the decision step.
 
-Usage: python bench/bench_stream.py [--workdir DIR] [--chunk-s 0.5] [--rate 44100]
+Usage: python bench/bench_stream.py [--workdir DIR] [--chunk-s 0.5] [--rate 44100] [--align-weight W]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from report import write_section  # bench/report.py, beside this script
 
 from index_builder.store import load_index
 from streamer.artifacts import DEFAULT_MODEL_DIR
-from streamer.config import Config
+from streamer.config import Config, replace_section
 from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index
 from streamer.embedder import Embedder
 from streamer.pipeline import Monitor
@@ -35,8 +35,8 @@ from streamer.pipeline import Monitor
 SECTION = "## Streaming path (bench/bench_stream.py)"
 
 
-def run(workdir: Path, chunk_s: float, rate: int, threads: int) -> dict:
-    cfg = Config()
+def run(workdir: Path, chunk_s: float, rate: int, threads: int, align_weight: float | None = None) -> dict:
+    cfg = Config() if align_weight is None else replace_section(Config(), "stream", align_weight=align_weight)
     ensure_demo_data(workdir)
     index_dir = ensure_demo_index(workdir, cfg)
     embedder = Embedder(DEFAULT_MODEL_DIR, threads)
@@ -77,6 +77,7 @@ def run(workdir: Path, chunk_s: float, rate: int, threads: int) -> dict:
         "threads": threads,
         "windows": cfg.stream.windows_s,
         "hop_s": cfg.stream.hop_s,
+        "align_weight": cfg.stream.align_weight,
     }
 
 
@@ -87,7 +88,7 @@ def to_markdown(r: dict, command: str) -> str:
 
 Date: {datetime.date.today().isoformat()} · machine: {platform.machine()}, {r["threads"]} onnxruntime threads · command: `{command}`
 
-One stream: the demo stream ({r["audio_s"]:.0f} s) fed as {r["chunk_s"]} s chunks at {r["rate"]} Hz, windows {r["windows"]} s, a decision every {r["hop_s"]} s ({r["decisions"]} decisions).
+One stream: the demo stream ({r["audio_s"]:.0f} s) fed as {r["chunk_s"]} s chunks at {r["rate"]} Hz, windows {r["windows"]} s, a decision every {r["hop_s"]} s ({r["decisions"]} decisions), alignment check weight {r["align_weight"]} (0 = off).
 
 | figure | value |
 |---|---|
@@ -108,8 +109,9 @@ def main() -> None:
     parser.add_argument("--chunk-s", type=float, default=0.5)
     parser.add_argument("--rate", type=int, default=44100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--align-weight", type=float, default=None, help="override [stream] align_weight (0 = embedding alone)")
     args = parser.parse_args()
-    result = run(args.workdir, args.chunk_s, args.rate, args.threads)
+    result = run(args.workdir, args.chunk_s, args.rate, args.threads, args.align_weight)
     markdown = to_markdown(result, "python bench/bench_stream.py " + " ".join(sys.argv[1:]))
     print(markdown)
     write_section(SECTION, markdown)

@@ -3,7 +3,9 @@
 Each reference is embedded as overlapping segments (IndexBuildConfig.segment_s every
 segment_hop_s, the last one aligned to the track's end) so that a short live excerpt can
 match any part of a song, plus optionally the whole track. Nothing is written until every
-reference has been embedded; then `save_index` replaces the index atomically.
+reference has been embedded; then `save_index` replaces the index atomically. Each
+reference's chroma sequence (streamer/alignment.py) is kept beside its vectors for the
+daemon's alignment check.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from tqdm import tqdm
 from index_builder.calibrate import impostor_calibration, recalibrate_if_needed
 from index_builder.index_types import build_faiss_index, spec_for
 from index_builder.refs import Reference
-from index_builder.store import IndexStore, SongEntry, load_index, read_manifest, save_index
+from index_builder.store import IndexStore, SongEntry, load_index, pack_chroma, read_manifest, save_index
+from streamer.alignment import chroma
 from streamer.audio import frames_to_seconds, seconds_to_frames
-from streamer.config import IndexBuildConfig
+from streamer.config import IndexBuildConfig, StreamConfig
 from streamer.decode import load_audio
 from streamer.embedder import Embedder
 
@@ -60,22 +63,31 @@ def embed_reference(embedder: Embedder, frames: np.ndarray, cfg: IndexBuildConfi
     return vectors, seconds
 
 
-def embed_references(embedder: Embedder, refs: list[Reference], cfg: IndexBuildConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Embed every reference; an unreadable file aborts with an AudioError naming it."""
-    all_vectors, all_spans = [], []
+def embed_references(
+    embedder: Embedder, refs: list[Reference], cfg: IndexBuildConfig
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Embed every reference -> per reference (vectors, spans, chroma); an unreadable file
+    aborts with an AudioError naming it."""
+    all_vectors, all_spans, all_chroma = [], [], []
     for ref in tqdm(refs, desc="embedding references", unit="song"):
         frames = embedder.cqt_whole(load_audio(ref.path))
         vectors, spans = embed_reference(embedder, frames, cfg)
         all_vectors.append(vectors)
         all_spans.append(spans)
-    return all_vectors, all_spans
+        all_chroma.append(chroma(frames))
+    return all_vectors, all_spans, all_chroma
 
 
 def _assemble(
-    embedder: Embedder, songs: list[SongEntry], vectors: list[np.ndarray], spans: list[np.ndarray], cfg: IndexBuildConfig, index_type: str
+    embedder: Embedder,
+    songs: list[SongEntry],
+    embedded: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]],
+    cfg: IndexBuildConfig,
+    stream: StreamConfig | None,
 ) -> IndexStore:
+    vectors, spans, chromas = embedded
     stacked = np.concatenate(vectors).astype(np.float32)
-    spec = spec_for(index_type, embedder.dim, len(stacked))
+    spec = spec_for(cfg.index_type, embedder.dim, len(stacked))
     index = build_faiss_index(spec, stacked)
     store = IndexStore(
         faiss_index=index,
@@ -91,36 +103,46 @@ def _assemble(
             "index": spec.to_settings(),
         },
         calibration={},
+        chroma=np.zeros((0, 12), np.float16),
+        chroma_offsets=np.zeros(1, np.int64),
     )
-    store.calibration = impostor_calibration(store, cfg)
+    store.chroma, store.chroma_offsets = pack_chroma(chromas)
+    store.calibration = impostor_calibration(store, cfg, stream)
     return store
 
 
-def build_index(refs: list[Reference], index_dir: Path, embedder: Embedder, cfg: IndexBuildConfig) -> IndexStore:
-    """Embed `refs` and write a new index at index_dir (replacing any index there)."""
-    vectors, spans = embed_references(embedder, refs, cfg)
+def build_index(
+    refs: list[Reference], index_dir: Path, embedder: Embedder, cfg: IndexBuildConfig, stream: StreamConfig | None = None
+) -> IndexStore:
+    """Embed `refs` and write a new index at index_dir (replacing any index there); the
+    impostor calibration scores as a daemon with `stream`'s settings would."""
+    embedded = embed_references(embedder, refs, cfg)
     songs = [SongEntry(r.song_id, r.title, str(r.path), dict(r.metadata)) for r in refs]
-    store = _assemble(embedder, songs, vectors, spans, cfg, cfg.index_type)
+    store = _assemble(embedder, songs, embedded, cfg, stream)
     save_index(index_dir, store, embedder.info)
     log.info("built index %s: %d songs, %d vectors", index_dir, len(songs), store.n_vectors)
     return store
 
 
-def add_to_index(index_dir: Path, refs: list[Reference], embedder: Embedder, cfg: IndexBuildConfig) -> IndexStore:
+def add_to_index(
+    index_dir: Path, refs: list[Reference], embedder: Embedder, cfg: IndexBuildConfig, stream: StreamConfig | None = None
+) -> IndexStore:
     """Append new references to an existing index without re-embedding the old ones."""
     store = load_index(index_dir, expected_model_hash=embedder.info.model_hash, mmap=False)  # mapped IVF lists are read-only
     known = {s.song_id for s in store.songs}
     clashes = sorted(r.song_id for r in refs if r.song_id in known)
     if clashes:
         raise ValueError(f"{index_dir}: song_id(s) already in the index: {', '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}")
-    vectors, spans = embed_references(embedder, refs, cfg)
+    vectors, spans, chromas = embed_references(embedder, refs, cfg)
     first_song = len(store.songs)
     new_rows = np.concatenate([np.full(len(v), first_song + i, dtype=np.int32) for i, v in enumerate(vectors)])
     store.faiss_index.add(np.concatenate(vectors).astype(np.float32))
     store.songs.extend(SongEntry(r.song_id, r.title, str(r.path), dict(r.metadata)) for r in refs)
     store.vector_song = np.concatenate([store.vector_song, new_rows])
     store.vector_span = np.concatenate([store.vector_span, *spans])
-    store.calibration = {**store.calibration, **impostor_calibration(store, cfg)}  # a stream calibration stays
+    old_chroma = [store.song_chroma(row) for row in range(first_song)]  # float16 -> float32 -> float16 is exact
+    store.chroma, store.chroma_offsets = pack_chroma(old_chroma + chromas)
+    store.calibration = {**store.calibration, **impostor_calibration(store, cfg, stream)}  # a stream calibration stays
     save_index(index_dir, store, embedder.info)
     store.calibration = recalibrate_if_needed(index_dir, store, embedder, cfg)
     log.info("added %d songs to %s: now %d songs, %d vectors", len(refs), index_dir, len(store.songs), store.n_vectors)

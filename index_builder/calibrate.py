@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from index_builder.store import IndexStore, load_index, save_index
+from streamer.alignment import POOL_FRAMES, STEP_RATE, align_frames, chroma, fuse_chroma
 from streamer.audio import HOP_LENGTH, SAMPLE_RATE, seconds_to_frames
 from streamer.config import Config, IndexBuildConfig, StreamConfig
 from streamer.rolling import hop_energy
@@ -42,6 +43,7 @@ from streamer.rolling import hop_energy
 log = logging.getLogger(__name__)
 
 IMPOSTOR_NEIGHBOURS = 64  # neighbours searched per vector for the impostor calibration
+IMPOSTOR_ALIGNED = 2000  # with the alignment term (~20 ms a vector), a larger catalog's impostors are sampled
 SECONDS_PER_DAY = 86400.0
 EULER_GAMMA = 0.5772156649015329
 MIN_BLOCKS = 10  # fewer usable blocks than this cannot be fitted
@@ -50,6 +52,8 @@ BOOTSTRAP_RESAMPLES = 1000  # refits behind the start threshold's interval
 BOOTSTRAP_SEED = 0  # the interval is reproducible for the same audio
 HOPS_PER_SEARCH = 256  # hops embedded and searched per batch (bounds memory)
 EMBED_BATCH = 64  # windows per encoder call (offline: larger calls than the daemon's)
+# [stream] settings of the alignment term: part of the score, so recorded with a calibration
+ALIGNMENT_KEYS = ("align_weight", "align_window_s", "align_candidates", "align_delay", "align_neighbours")
 
 
 # --- impostor calibration (reference vs reference) -----------------------------------
@@ -64,21 +68,40 @@ def stored_vectors(index) -> np.ndarray:
     return np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
 
 
-def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig) -> dict:
+def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: StreamConfig | None = None) -> dict:
     """Impostor statistics: for each indexed vector, the best score of any *other* song.
 
     These are scores between different songs, i.e. what a non-matching query can reach.
+    With `stream.align_weight` > 0 the score is the daemon's: the best
+    `align_candidates` other songs also get the alignment term for the segment's last
+    `align_window_s` (on a seeded sample of `IMPOSTOR_ALIGNED` vectors in a larger catalog).
     The start threshold is their `impostor_quantile` quantile; the end threshold their
     median halfway to it, so a match ends only when the score has fallen well back.
     """
+    stream = stream or StreamConfig()
+    align = {key: getattr(stream, key) for key in ALIGNMENT_KEYS}
     if len(store.songs) < 2:
-        return {"n_scores": 0, "start_threshold": 0.9, "end_threshold": 0.8, "note": "fewer than 2 songs: default thresholds"}
-    scores, ids = store.search(stored_vectors(store.faiss_index), IMPOSTOR_NEIGHBOURS)
+        return {"n_scores": 0, "start_threshold": 0.9, "end_threshold": 0.8, "note": "fewer than 2 songs: default thresholds", **align}
+    rows = np.arange(store.n_vectors)
+    if stream.align_weight > 0 and len(rows) > IMPOSTOR_ALIGNED:
+        rows = np.sort(np.random.default_rng(BOOTSTRAP_SEED).choice(rows, IMPOSTOR_ALIGNED, replace=False))
+    vectors = stored_vectors(store.faiss_index)[rows]
+    scores, ids = store.search(vectors, IMPOSTOR_NEIGHBOURS)
     best_other = []
-    for row, (s_row, i_row) in enumerate(zip(scores, ids)):
-        other = (i_row >= 0) & (store.vector_song[np.clip(i_row, 0, None)] != store.vector_song[row])
-        if other.any():
-            best_other.append(float(s_row[other].max()))
+    for row, s_row, i_row in zip(rows, scores, ids):
+        own = int(store.vector_song[row])
+        found: dict[int, float] = {}
+        for score, vid in zip(s_row.tolist(), i_row.tolist()):
+            song = int(store.vector_song[vid]) if vid >= 0 else own
+            if song != own and score > found.get(song, -np.inf):
+                found[song] = score
+        if found and stream.align_weight > 0:
+            start_s, end_s = (float(x) for x in store.vector_span[row])
+            steps = store.song_chroma(own)[int(start_s * STEP_RATE) : int(end_s * STEP_RATE)]
+            query = steps[-(align_frames(stream) // POOL_FRAMES) :]  # as many steps as the daemon aligns
+            found = fuse_chroma(found, query, store.song_chroma, stream)
+        if found:
+            best_other.append(max(found.values()))
     impostor = np.asarray(best_other)
     start = float(np.quantile(impostor, cfg.impostor_quantile))
     median = float(np.median(impostor))
@@ -90,6 +113,7 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig) -> dict:
         "quantile": cfg.impostor_quantile,
         "start_threshold": start,
         "end_threshold": median + 0.5 * (start - median),
+        **align,
     }
 
 
@@ -199,13 +223,33 @@ def p_value(calibration: dict, score: float) -> float | None:
 
 def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: StreamConfig) -> tuple[np.ndarray, list[dict[int, float]]]:
     """(N,) float32 audio at SAMPLE_RATE -> ((H,) decision times in s, per hop {song row: score}),
-    as the daemon scores a file.
+    as the daemon scores a file: `embedding_hop_scores`, then the daemon's alignment term
+    (streamer/alignment.py) for each hop's best `align_candidates` songs."""
+    times, scores, queries = embedding_hop_scores(embedder, index, audio, stream_cfg)
+    return times, fuse_hops(scores, queries, index, stream_cfg)
+
+
+def fuse_hops(
+    scores: list[dict[int, float]], queries: list[np.ndarray | None], index: IndexStore, stream_cfg: StreamConfig
+) -> list[dict[int, float]]:
+    """Per hop embedding scores and alignment-window chroma -> the daemon's fused scores."""
+    if stream_cfg.align_weight <= 0:
+        return scores
+    return [fuse_chroma(s, q, index.song_chroma, stream_cfg) if s and q is not None else s for s, q in zip(scores, queries)]
+
+
+def embedding_hop_scores(
+    embedder, index: IndexStore, audio: np.ndarray, stream_cfg: StreamConfig
+) -> tuple[np.ndarray, list[dict[int, float]], list[np.ndarray | None]]:
+    """(N,) float32 audio at SAMPLE_RATE -> ((H,) decision times in s, per hop {song row:
+    embedding score}, per hop the (S, 12) chroma of the alignment window or None if silent).
 
     Hop h decides at time h * hop_s (from the first hop whose shortest window is filled)
     with every configured window ending there that is filled and not silent; a song's
-    score is its best over those windows' top_k hits. Whole-file CQT frames equal the
-    daemon's incremental ones, and a window ends at the first frame count whose audio
-    reaches the decision time, as in the daemon.
+    embedding score is its best over those windows' top_k hits. The alignment window is the
+    last `align_window_s` (cut to the longest window, less while filling), as the daemon's
+    ring gives it. Whole-file CQT frames equal the daemon's incremental ones, and a window
+    ends at the first frame count whose audio reaches the decision time, as in the daemon.
     """
     assert audio.ndim == 1 and audio.dtype == np.float32
     frames = embedder.cqt_whole(audio)
@@ -226,7 +270,9 @@ def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: Strea
             ends.append(end)
             times.append(h * stream_cfg.hop_s)
         h += 1
+    aligned = align_frames(stream_cfg)
     results: list[dict[int, float]] = []
+    queries: list[np.ndarray | None] = []
     for first in range(0, len(ends), HOPS_PER_SEARCH):
         batch = ends[first : first + HOPS_PER_SEARCH]
         windows = [
@@ -235,9 +281,12 @@ def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: Strea
             for n in window_frames
             if n <= end and float(energy[end - n : end].mean()) >= silence
         ]
-        queries, groups = embedder.embed_windows(windows, EMBED_BATCH)
-        results.extend(index.best_per_song_grouped(queries, groups, len(batch), stream_cfg.top_k))
-    return np.asarray(times), results
+        queries_batch, groups = embedder.embed_windows(windows, EMBED_BATCH)
+        results.extend(index.best_per_song_grouped(queries_batch, groups, len(batch), stream_cfg.top_k))
+        for end in batch:
+            start = max(0, end - aligned)
+            queries.append(chroma(frames[start:end]) if float(energy[start:end].mean()) >= silence else None)
+    return np.asarray(times), results, queries
 
 
 def leaders(scores: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,6 +328,7 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
         hop_s=cfg.stream.hop_s,
         top_k=cfg.stream.top_k,
         silence_dbfs=cfg.stream.silence_dbfs,
+        **{key: getattr(cfg.stream, key) for key in ALIGNMENT_KEYS},
         start_hops=cfg.decision.start_hops,
     )
     store.calibration = {**store.calibration, "stream": fit}
@@ -309,9 +359,28 @@ def stream_settings(calibration: dict, cfg: Config) -> Config:
 
     stream = calibration["stream"]
     cfg = replace_section(
-        cfg, "stream", windows_s=stream["windows_s"], hop_s=stream["hop_s"], top_k=stream["top_k"], silence_dbfs=stream["silence_dbfs"]
+        cfg,
+        "stream",
+        windows_s=stream["windows_s"],
+        hop_s=stream["hop_s"],
+        top_k=stream["top_k"],
+        silence_dbfs=stream["silence_dbfs"],
+        **{key: stream.get(key, getattr(cfg.stream, key)) for key in ALIGNMENT_KEYS},
     )
     return replace_section(cfg, "decision", start_hops=stream["start_hops"])
+
+
+def settings_drift(calibration: dict, stream: StreamConfig) -> list[str]:
+    """The [stream] settings that differ from those the thresholds in use were measured with
+    ("key: calibrated A, configured B"): a stream calibration's scoring settings, else the
+    impostor calibration's alignment settings. Thresholds do not hold for other settings."""
+    measured = calibration.get("stream") or calibration
+    keys = ("windows_s", "hop_s", "top_k", "silence_dbfs", *ALIGNMENT_KEYS) if calibration.get("stream") else ALIGNMENT_KEYS
+    return [
+        f"stream.{key}: calibrated {measured.get(key, 'without it')}, configured {getattr(stream, key)}"
+        for key in keys
+        if measured and measured.get(key) != getattr(stream, key)
+    ]
 
 
 def recalibrate_if_needed(index_dir: Path, store: IndexStore, embedder, build: IndexBuildConfig) -> dict:

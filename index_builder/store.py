@@ -8,6 +8,10 @@ written atomically.
                                       a structured .npy (`VECTOR_TABLE_DTYPE`, no pickle),
                                       12 bytes a vector, so a 1M-song catalog's ~20M
                                       segments stay a 240 MB file, not gigabytes of JSON
+    INDEX_DIR/chroma-<sha12>.npy      every song's chroma sequence (streamer/alignment.py),
+                                      float16 (steps, 12) rows one song after another; the
+                                      manifest's `chroma_offsets` say where each song starts
+                                      (~115 bytes a second of audio: 28 kB a 4-min song)
 
 A write puts each new data file under a temporary name, fsyncs it and renames it to its
 content-addressed name, then writes manifest.json the same way (temporary file, fsync,
@@ -35,7 +39,7 @@ from streamer.artifacts import ArtifactError, ModelInfo, atomic_write, canonical
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 1: vector table inside the JSON manifest (could not hold a large catalog)
+FORMAT_VERSION = 3  # 1: vector table inside the JSON manifest (could not hold a large catalog); 2: no chroma
 MANIFEST = "manifest.json"
 VECTOR_TABLE_DTYPE = np.dtype([("song", "<i4"), ("start", "<f4"), ("end", "<f4")])
 
@@ -59,6 +63,12 @@ class IndexStore:
     model_hash: str
     settings: dict  # build settings (segment length, index type, ...)
     calibration: dict  # impostor statistics and thresholds
+    chroma: np.ndarray  # (steps of all songs, 12) float16, each song's rows scaled to a maximum of 1
+    chroma_offsets: np.ndarray  # (songs + 1,) int64: song row r's chroma is chroma[offsets[r]:offsets[r + 1]]
+
+    def song_chroma(self, row: int) -> np.ndarray:
+        """(S, 12) float32 chroma of song `row` (streamer/alignment.py)."""
+        return self.chroma[self.chroma_offsets[row] : self.chroma_offsets[row + 1]].astype(np.float32)
 
     def song_rows(self) -> dict[str, int]:
         """song_id -> row in `songs`."""
@@ -106,6 +116,15 @@ def vector_table_bytes(vector_song: np.ndarray, vector_span: np.ndarray) -> byte
     return buffer.getvalue()
 
 
+def pack_chroma(per_song: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-song (S_i, 12) chroma -> (all steps, 12) float16 with each song scaled to a maximum
+    of 1 (float16 keeps 3 digits whatever the level), and (songs + 1,) int64 offsets."""
+    scaled = [(c / c.max() if len(c) and c.max() > 0 else c).astype(np.float16) for c in per_song]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in scaled])]).astype(np.int64)
+    packed = np.concatenate(scaled) if scaled else np.zeros((0, 12), np.float16)
+    return packed.reshape(-1, 12), offsets
+
+
 def _write_content_addressed(index_dir: Path, prefix: str, suffix: str, write: Callable[[Path], None]) -> tuple[str, str]:
     """Write a file through `write(tmp_path)`, fsync it and rename it to prefix-<sha12>suffix.
 
@@ -130,6 +149,9 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
     )
     table = vector_table_bytes(store.vector_song, store.vector_span)
     table_name, table_digest = _write_content_addressed(index_dir, "table", ".npy", lambda p: p.write_bytes(table))
+    chroma = io.BytesIO()
+    np.save(chroma, np.ascontiguousarray(store.chroma, dtype=np.float16), allow_pickle=False)
+    chroma_name, chroma_digest = _write_content_addressed(index_dir, "chroma", ".npy", lambda p: p.write_bytes(chroma.getvalue()))
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_hash": store.model_hash,
@@ -140,14 +162,21 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
         "faiss_sha256": faiss_digest,
         "table_file": table_name,
         "table_sha256": table_digest,
+        "chroma_file": chroma_name,
+        "chroma_sha256": chroma_digest,
+        "chroma_offsets": store.chroma_offsets.tolist(),
         "n_vectors": int(store.n_vectors),
         "songs": [vars(s) for s in store.songs],
     }
     manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")
     atomic_write(index_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     fsync_dir(index_dir)
-    live = {faiss_name, table_name}
-    for stale in [*index_dir.glob("vectors-*.faiss"), *index_dir.glob("table-*.npy")]:  # only now unreferenced
+    live = {faiss_name, table_name, chroma_name}
+    for stale in [
+        *index_dir.glob("vectors-*.faiss"),
+        *index_dir.glob("table-*.npy"),
+        *index_dir.glob("chroma-*.npy"),
+    ]:  # only now unreferenced
         if stale.name not in live:
             stale.unlink(missing_ok=True)
     for leftover in index_dir.glob("*.tmp"):  # from a write that was killed half-way
@@ -185,6 +214,17 @@ def read_vector_table(path: Path) -> np.ndarray:
     return table
 
 
+def read_chroma(path: Path) -> np.ndarray:
+    """A chroma .npy (sha256 already checked) -> (steps, 12) float16 array."""
+    try:
+        chroma = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{path}: not a readable chroma file ({exc})") from None
+    if chroma.dtype != np.float16 or chroma.ndim != 2 or chroma.shape[1] != 12:
+        raise ArtifactError(f"{path}: chroma has dtype {chroma.dtype} and shape {chroma.shape}, expected float16 (steps, 12)")
+    return chroma
+
+
 def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bool = True) -> IndexStore:
     """Load and verify an index; with expected_model_hash, refuse one built by another model.
 
@@ -198,6 +238,8 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         digest = manifest["faiss_sha256"]
         table_path, table_digest = index_dir / manifest["table_file"], manifest["table_sha256"]
         n_vectors = int(manifest["n_vectors"])
+        chroma_path, chroma_digest = index_dir / manifest["chroma_file"], manifest["chroma_sha256"]
+        chroma_offsets = np.asarray(manifest["chroma_offsets"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{index_dir / MANIFEST}: index manifest is missing or has malformed fields ({exc})") from None
     if expected_model_hash is not None and model_hash != expected_model_hash:
@@ -205,7 +247,7 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
             f"{index_dir}: index was built with model {model_hash}, but the loaded model is {expected_model_hash}; "
             "rebuild the index with this model (`coverwatch index build`)"
         )
-    for data_path, data_digest in ((faiss_path, digest), (table_path, table_digest)):
+    for data_path, data_digest in ((faiss_path, digest), (table_path, table_digest), (chroma_path, chroma_digest)):
         if not data_path.is_file():
             raise ArtifactError(f"{data_path}: file named by the manifest is missing")
         if sha256_file(data_path) != data_digest:
@@ -223,6 +265,14 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
     recorded_dim = manifest.get("model", {}).get("embedding_dim", index.d)
     if index.d != recorded_dim:
         raise ArtifactError(f"{index_dir}: FAISS vectors have {index.d} dims but the manifest's model has {recorded_dim}")
+    chroma = read_chroma(chroma_path)
+    if (
+        chroma_offsets.shape != (len(songs) + 1,)
+        or chroma_offsets[0] != 0
+        or chroma_offsets[-1] != len(chroma)
+        or np.any(np.diff(chroma_offsets) < 0)
+    ):
+        raise ArtifactError(f"{index_dir / MANIFEST}: chroma_offsets do not describe {len(songs)} songs in {len(chroma)} chroma rows")
     song_rows = table["song"].astype(np.int32)
     if len(song_rows) and (song_rows.min() < 0 or song_rows.max() >= len(songs)):
         raise ArtifactError(f"{index_dir / MANIFEST}: a vector points to a song that is not listed")
@@ -234,4 +284,6 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         model_hash,
         manifest.get("settings", {}),
         manifest.get("calibration", {}),
+        chroma,
+        chroma_offsets,
     )

@@ -107,10 +107,10 @@ def cmd_index(args: argparse.Namespace, cfg: Config) -> ExitCode:
     embedder = _embedder(cfg)
     if args.index_command == "build":
         build_cfg = cfg.index_build if not args.type else replace_section(cfg, "index_build", index_type=args.type).index_build
-        store = build_index(refs, Path(args.out), embedder, build_cfg)
+        store = build_index(refs, Path(args.out), embedder, build_cfg, cfg.stream)
         target = args.out
     else:
-        store = add_to_index(Path(args.index_dir), refs, embedder, cfg.index_build)
+        store = add_to_index(Path(args.index_dir), refs, embedder, cfg.index_build, cfg.stream)
         target = args.index_dir
     print(json.dumps({"index_dir": str(target), "songs": len(store.songs), "vectors": store.n_vectors, "calibration": store.calibration}))
     return ExitCode.OK

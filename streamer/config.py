@@ -55,12 +55,22 @@ class StreamConfig:
     silence_dbfs: float = _f(-55.0, -120.0, 0.0)  # windows quieter than this (RMS) are not embedded
     top_k: int = _f(20, 1, 1000)  # neighbours fetched per window
     max_pending_windows: int = _f(256, 1, 100000)  # due windows that force an encoder pass mid-batch (bounds memory)
+    # Alignment check (streamer/alignment.py): each hop, the align_candidates best songs by
+    # embedding score gain align_weight x the fraction of the last align_window_s of audio
+    # whose chroma follows theirs in order (key- and tempo-invariant). Part of the score, so
+    # a stream calibration records these and is measured with them.
+    align_weight: float = _f(0.5, 0.0, 10.0)  # 0 = the embedding score alone
+    align_window_s: float = _f(20.0, 3.0, 600.0)  # cut to the longest of windows_s (the ring holds no more)
+    align_candidates: int = _f(5, 1, 1000)  # songs aligned per hop (~10 ms each for a 1-min reference)
+    align_delay: int = _f(13, 1, 40)  # chroma steps (~0.21 s each) stacked into one delay-embedded step
+    align_neighbours: float = _f(0.1, 0.01, 1.0)  # fraction of steps that are a step's nearest neighbours
 
 
 @dataclass(frozen=True)
 class DecisionConfig:
-    start_threshold: float = _f(0.0, -1.0, 1.0)  # 0 = use the calibrated value from the index manifest
-    end_threshold: float = _f(0.0, -1.0, 1.0)  # 0 = calibrated
+    # Scores are cosines plus stream.align_weight x an alignment fraction: up to 1 + align_weight.
+    start_threshold: float = _f(0.0, -1.0, 11.0)  # 0 = use the calibrated value from the index manifest
+    end_threshold: float = _f(0.0, -1.0, 11.0)  # 0 = calibrated
     start_hops: int = _f(2, 1, 100)  # hops a song must lead above start_threshold before match_start
     end_hops: int = _f(3, 1, 100)  # hops below end_threshold before match_end
     history_hops: int = _f(8, 1, 1000)  # per-song score history kept per stream

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from index_builder.build import build_index
+from index_builder.calibrate import settings_drift
 from index_builder.refs import read_refs
 from index_builder.store import FORMAT_VERSION, read_manifest
 from streamer.artifacts import load_model_info, resolve_model_dir
@@ -76,10 +77,14 @@ def ensure_demo_index(workdir: Path, cfg: Config, calibrated: bool = False) -> P
     index_dir = workdir / f"index-{load_model_info(model_dir).model_hash}-format{FORMAT_VERSION}"
     if not (index_dir / "manifest.json").exists():
         embedder = Embedder(model_dir, cfg.model.threads)
-        build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build)
+        build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build, cfg.stream)
     stream_calibration = read_manifest(index_dir).get("calibration", {}).get("stream") or {}
-    # An index calibrated on less audio than the demo now renders (an older cache) is redone.
-    if calibrated and stream_calibration.get("audio_s", 0.0) < 0.5 * CALIBRATION_MINUTES * 60.0:
+    # An index calibrated on less audio than the demo now renders (an older cache), or with
+    # other scoring settings than the config's, is calibrated again.
+    stale = stream_calibration.get("audio_s", 0.0) < 0.5 * CALIBRATION_MINUTES * 60.0 or settings_drift(
+        {"stream": stream_calibration}, cfg.stream
+    )
+    if calibrated and stale:
         from index_builder.calibrate import calibrate_index
         from model.simulate import simulate_stream
 

@@ -15,7 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 log = logging.getLogger(__name__)
 
-STAGES = ("decode", "resample", "cqt", "embed", "search", "decide")
+STAGES = ("decode", "resample", "cqt", "embed", "search", "align", "decide")
 CHUNK_OUTCOMES = ("processed", "bad_chunk", "dead_letter", "duplicate", "replayed")
 # Stage work is milliseconds; a whole chunk including a decision is tens of ms to seconds.
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

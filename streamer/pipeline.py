@@ -1,10 +1,11 @@
 """The per-chunk path of the daemon: audio chunk -> resample -> rolling CQT -> windows ->
-embeddings -> FAISS -> per-song scores -> hysteresis -> match events.
+embeddings -> FAISS -> per-song scores -> alignment check -> hysteresis -> match events.
 
 `Monitor` owns the model, the index and one `StreamState` per stream. A decision is due
 every `hop_s` of stream time: each configured window that is already filled and not silent
 is copied out of the stream's ring, and a song's score is the maximum over the windows and
-over its retrieved segments.
+over its retrieved segments, plus, for the best few songs, the alignment term of
+streamer/alignment.py over the last `align_window_s` of the ring.
 
 Due decisions are batched across streams: `submit` pushes a chunk through resampling and
 the incremental CQT and queues the decisions it makes due; `flush` embeds every queued
@@ -26,8 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from index_builder.calibrate import p_value
+from index_builder.calibrate import p_value, settings_drift
 from index_builder.store import IndexStore
+from streamer.alignment import align_frames, fuse_scores
 from streamer.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, seconds_to_frames
 from streamer.config import DecisionConfig, ModelConfig, StreamConfig
 from streamer.decision import Decision, Hysteresis
@@ -114,6 +116,7 @@ class PendingDecision:
     state: StreamState
     time_s: float
     windows: list[np.ndarray]  # [(T_i, F)] non-silent windows, oldest frame first
+    align_window: np.ndarray | None  # (T, F) the last align_window_s (less while filling); None if silent or off
     tag: object  # returned with the decision's events (Kafka: emit or replay)
 
 
@@ -134,6 +137,7 @@ class Monitor:
         self.decision_cfg = decision_cfg
         self.thresholds = resolve_thresholds(decision_cfg, index.calibration)
         self.window_frames = [seconds_to_frames(s) for s in stream_cfg.windows_s]
+        self.align_frames = align_frames(stream_cfg)
         self.silence_power = 10.0 ** (stream_cfg.silence_dbfs / 10.0)  # mean square about each hop's mean (DC removed)
         self.streams: dict[str, StreamState] = {}
         self.times = StageTimes(observer=metrics.observe_stage if metrics else None)
@@ -145,6 +149,16 @@ class Monitor:
         if metrics:
             metrics.set_index(len(index.songs), index.n_vectors)
         log.info("decision thresholds start=%.3f end=%.3f (%s)", self.thresholds.start, self.thresholds.end, self.thresholds.source)
+        self._warn_drift(index)
+
+    def _warn_drift(self, index: IndexStore) -> None:
+        drift = settings_drift(index.calibration, self.stream_cfg)
+        if drift and self.thresholds.source != "config":
+            log.warning(
+                "the index's thresholds were measured with other settings (%s); re-run `coverwatch calibrate` "
+                "(or `coverwatch index build`) with the settings you serve with",
+                "; ".join(drift),
+            )
 
     def replay_horizon_s(self) -> float:
         """Audio that rebuilds a stream's decisions exactly: the longest window, then enough
@@ -162,6 +176,7 @@ class Monitor:
             state.decider.remap(rows)
             state.decider.start_threshold, state.decider.end_threshold = thresholds.start, thresholds.end
         self.index, self.thresholds = index, thresholds
+        self._warn_drift(index)
         if self.metrics:
             self.metrics.set_index(len(index.songs), index.n_vectors)
         log.info("index replaced: %d songs, thresholds start=%.3f end=%.3f", len(index.songs), thresholds.start, thresholds.end)
@@ -291,7 +306,12 @@ class Monitor:
                 state.counts["silent_windows"] += 1
                 continue
             windows.append(state.ring.latest(n)[0])  # a copy: the ring moves on before the batch is embedded
-        self._pending.append(PendingDecision(state, time_s, windows, tag))
+        align_window = None
+        if windows and self.stream_cfg.align_weight > 0:
+            n = min(self.align_frames, state.ring.filled)
+            if state.ring.mean_energy(n) >= self.silence_power:
+                align_window = state.ring.latest(n)[0]
+        self._pending.append(PendingDecision(state, time_s, windows, align_window, tag))
         self._pending_windows += len(windows)
         self.counts["decisions"] += 1
         if self.metrics:
@@ -308,6 +328,8 @@ class Monitor:
         now = self.times.add("embed", started) if windows else started  # all-silent hops embed and search nothing
         scores = self.index.best_per_song_grouped(queries, owners, len(pending), self.stream_cfg.top_k)
         now = self.times.add("search", now) if windows else now
+        scores = [fuse_scores(found, d.align_window, self.index.song_chroma, self.stream_cfg) for d, found in zip(pending, scores)]
+        now = self.times.add("align", now) if windows and self.stream_cfg.align_weight > 0 else now
         for decision, song_scores in zip(pending, scores):
             for made in decision.state.decider.update(song_scores, decision.time_s):
                 self._outbox.append((decision.tag, self._event(decision.state, made)))

@@ -11,7 +11,9 @@ from index_builder.refs import RefsError, read_refs
 from index_builder.store import MANIFEST, VECTOR_TABLE_DTYPE, load_index
 from streamer.artifacts import ArtifactError, canonical_sha256, sha256_file
 from streamer.audio import SAMPLE_RATE, AudioError
-from streamer.config import IndexBuildConfig
+from streamer.alignment import chroma
+from streamer.config import IndexBuildConfig, StreamConfig
+from streamer.decode import load_audio
 from streamer.embedder import Embedder
 from tests.conftest import melody
 
@@ -122,6 +124,39 @@ def test_vector_table_is_checked_and_never_unpickled(refs_csv, embedder, tmp_pat
         load_index(idx)
     resign(pristine)
     assert len(load_index(idx).songs) == 3
+
+
+def test_chroma_is_stored_per_song_kept_by_add_and_checked(refs_csv, embedder, tmp_path):
+    """Each song's chroma (for the daemon's alignment check) survives save/load and `index add`;
+    a damaged chroma file or offsets that do not fit are refused."""
+    idx = tmp_path / "idx"
+    store = build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    expected = chroma(embedder.cqt_whole(load_audio(tmp_path / "song1.wav")))
+    loaded = load_index(idx)
+    assert loaded.chroma_offsets.tolist() == store.chroma_offsets.tolist() and len(loaded.chroma_offsets) == 4
+    np.testing.assert_allclose(loaded.song_chroma(1), expected / expected.max(), rtol=2e-3, atol=1e-4)  # float16, scaled to 1
+    assert loaded.calibration["align_weight"] == StreamConfig().align_weight  # the impostor scores include the alignment term
+
+    soundfile.write(tmp_path / "new.wav", melody(9, 45.0), SAMPLE_RATE)
+    (tmp_path / "more.csv").write_text("song_id,title,path\nnew,New song,new.wav\n")
+    add_to_index(idx, read_refs(tmp_path / "more.csv"), embedder, IndexBuildConfig())
+    grown = load_index(idx)
+    np.testing.assert_array_equal(grown.song_chroma(1), loaded.song_chroma(1))  # old songs untouched
+    assert len(grown.song_chroma(3)) == len(chroma(embedder.cqt_whole(load_audio(tmp_path / "new.wav"))))
+    assert len(list(idx.glob("chroma-*.npy"))) == 1  # the superseded chroma file is gone
+
+    chroma_file = next(idx.glob("chroma-*.npy"))
+    pristine = chroma_file.read_bytes()
+    chroma_file.write_bytes(pristine[:-6])
+    with pytest.raises(ArtifactError, match=r"chroma-.*\.npy: sha256 does not match"):
+        load_index(idx)
+    chroma_file.write_bytes(pristine)
+    manifest = json.loads((idx / MANIFEST).read_text())
+    manifest["chroma_offsets"][-1] += 1
+    manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")
+    (idx / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="chroma_offsets do not describe 4 songs"):
+        load_index(idx)
 
 
 def test_index_of_an_older_format_asks_for_a_rebuild(refs_csv, embedder, tmp_path):

@@ -240,7 +240,7 @@ def test_index_build_killed_mid_write_leaves_old_or_new_index(random_model_dir, 
             assert songs == 3, f"{point}: manifest temp file left, yet {songs} songs"
         outcomes[point] = (killed, songs)
         coverwatch("index", "build", "--model", random_model_dir, "--refs", refs4, "--out", work, check=True)
-        live = [next(work.glob("vectors-*.faiss")).name, next(work.glob("table-*.npy")).name]
+        live = [next(work.glob(pattern)).name for pattern in ("vectors-*.faiss", "table-*.npy", "chroma-*.npy")]
         assert sorted(_names(work)) == sorted([MANIFEST, *live])
         assert len(load_index(work).songs) == 4
     caught = [p for p, (killed, _) in outcomes.items() if killed]

@@ -1,0 +1,92 @@
+"""The alignment check (streamer/alignment.py) on hand-made sequences, and through the index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.alignment import LOG_FLOOR, POOL_FRAMES, alignment_score, chroma, cross_recurrence, delay_embed, fuse_scores, key_shift, qmax
+from streamer.audio import N_BINS
+from streamer.config import StreamConfig
+
+DELAY, NEIGHBOURS = 3, 0.1
+
+
+def melody_chroma(seed: int, n_notes: int = 40, steps_per_note: tuple[int, int] = (2, 6)) -> np.ndarray:
+    """(S, 12) chroma of a random melody: one strong pitch class per note, a weak fifth, a little noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pitch in rng.integers(0, 12, n_notes):
+        row = np.full(12, 0.05)
+        row[pitch] = 1.0
+        row[(pitch + 7) % 12] += 0.3
+        rows.extend([row] * int(rng.integers(*steps_per_note)))
+    return (np.array(rows) + 0.02 * rng.random((len(rows), 12))).astype(np.float32)
+
+
+def stretch(steps: np.ndarray, ratio: float) -> np.ndarray:
+    """Play `steps` `ratio` times slower (nearest step)."""
+    return steps[np.minimum((np.arange(int(len(steps) * ratio)) / ratio).astype(int), len(steps) - 1)]
+
+
+def test_chroma_folds_octaves_onto_pitch_classes_and_pools_frames():
+    frames = np.full((POOL_FRAMES * 3 + 2, N_BINS), np.log(LOG_FLOOR), np.float32)  # silence: magnitude 0
+    frames[:, 12 * 2 + 7] = np.log(1.0 + LOG_FLOOR)  # G2
+    frames[:, 12 * 5 + 7] = np.log(0.5 + LOG_FLOOR)  # G5: the same pitch class
+    frames[:, 12 * 3 + 0] = np.log(0.25 + LOG_FLOOR)  # C3
+    c = chroma(frames)
+    assert c.shape == (3, 12)  # the 2 leftover frames do not make a step
+    np.testing.assert_allclose(c[:, 7], 1.5, rtol=1e-4)
+    np.testing.assert_allclose(c[:, 0], 0.25, rtol=1e-4)
+    assert np.abs(np.delete(c, [0, 7], axis=1)).max() < 1e-6
+    with pytest.raises(ValueError, match="whole octaves"):
+        chroma(np.zeros((20, 30), np.float32))
+
+
+def test_key_shift_undoes_a_transposition():
+    reference = melody_chroma(1)
+    assert key_shift(np.roll(reference, -5, axis=1), reference) == 5
+
+
+def test_qmax_counts_the_longest_path_and_follows_tempo_changes():
+    assert qmax(np.eye(12, dtype=bool)) == 12
+    assert qmax(np.zeros((12, 20), dtype=bool)) == 0
+    slow = np.zeros((20, 10), dtype=bool)  # the query twice as slow: 2 query steps per reference step
+    slow[np.arange(0, 20, 2), np.arange(10)] = True
+    assert qmax(slow) == 10
+    broken = np.eye(12, dtype=bool)
+    broken[6, 6] = False  # a one-step break costs GAP_ONSET: the halves do not join
+    assert qmax(broken) == 6
+
+
+def test_a_transposed_slower_excerpt_aligns_and_other_melodies_do_not():
+    reference = melody_chroma(1)
+    excerpt = stretch(np.roll(reference[30:110], 4, axis=1), 1.2)  # 4 semitones up, 20 % slower
+    cover = alignment_score(excerpt, reference, DELAY, NEIGHBOURS)
+    others = [alignment_score(excerpt, melody_chroma(seed), DELAY, NEIGHBOURS) for seed in range(2, 12)]
+    assert cover > 0.6
+    assert max(others) < 0.25, others
+    assert alignment_score(excerpt[:5], reference, DELAY, NEIGHBOURS) == 0.0  # too short to say
+    assert alignment_score(np.zeros_like(excerpt), reference, DELAY, NEIGHBOURS) == 0.0  # silence
+
+
+def test_cross_recurrence_is_mutual():
+    q, r = delay_embed(melody_chroma(1), DELAY), delay_embed(melody_chroma(2), DELAY)
+    both = cross_recurrence(q, r, NEIGHBOURS)
+    assert both.shape == (len(q), len(r))
+    assert both.sum() <= int(NEIGHBOURS * len(r)) * len(q)  # never more than each row's neighbours (ties aside)
+    np.testing.assert_array_equal(both, cross_recurrence(r, q, NEIGHBOURS).T)
+
+
+def test_fuse_scores_raises_only_the_best_candidates():
+    reference = melody_chroma(1)
+    songs = {0: reference, 1: melody_chroma(2), 2: melody_chroma(3)}
+    window = np.log(np.repeat(np.tile(reference[:100], (1, N_BINS // 12)), POOL_FRAMES, axis=0) + LOG_FLOOR)  # (T, F) log-CQT
+    scores = {0: 0.5, 1: 0.45, 2: 0.2}
+    cfg = StreamConfig(align_weight=1.0, align_candidates=2, align_delay=DELAY, align_neighbours=NEIGHBOURS)
+    fused = fuse_scores(scores, window, songs.__getitem__, cfg)
+    assert fused[0] - scores[0] > 0.9  # the window is this song's opening
+    assert 0.0 <= fused[1] - scores[1] < 0.35
+    assert fused[2] == scores[2]  # not among the 2 best: not aligned
+    assert fuse_scores(scores, None, songs.__getitem__, cfg) == scores  # silent window
+    assert fuse_scores(scores, window, songs.__getitem__, StreamConfig(align_weight=0.0)) == scores
