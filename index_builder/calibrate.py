@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from index_builder.store import IndexStore, load_index, save_index
-from streamer.alignment import POOL_FRAMES, STEP_RATE, align_frames, chroma, fuse_chroma
+from streamer.alignment import POOL_FRAMES, STEP_RATE, align_frames, chroma, fuse_scores
 from streamer.audio import HOP_LENGTH, SAMPLE_RATE, seconds_to_frames
 from streamer.config import Config, IndexBuildConfig, StreamConfig
 from streamer.rolling import hop_energy
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 IMPOSTOR_NEIGHBOURS = 64  # neighbours searched per vector for the impostor calibration
 IMPOSTOR_ALIGNED = 2000  # with the alignment term (~20 ms a vector), a larger catalog's impostors are sampled
+IMPOSTOR_SAMPLE_SEED = 0  # that sample is reproducible
 SECONDS_PER_DAY = 86400.0
 EULER_GAMMA = 0.5772156649015329
 MIN_BLOCKS = 10  # fewer usable blocks than this cannot be fitted
@@ -75,6 +76,9 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
     With `stream.align_weight` > 0 the score is the daemon's: the best
     `align_candidates` other songs also get the alignment term for the segment's last
     `align_window_s` (on a seeded sample of `IMPOSTOR_ALIGNED` vectors in a larger catalog).
+    That query is cut from the stored float16 chroma of the segment, without a silence
+    gate and shorter when segments are shorter than the window: close to, not exactly,
+    what the daemon would score; `coverwatch calibrate` measures the daemon's own.
     The start threshold is their `impostor_quantile` quantile; the end threshold their
     median halfway to it, so a match ends only when the score has fallen well back.
     """
@@ -84,7 +88,7 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
         return {"n_scores": 0, "start_threshold": 0.9, "end_threshold": 0.8, "note": "fewer than 2 songs: default thresholds", **align}
     rows = np.arange(store.n_vectors)
     if stream.align_weight > 0 and len(rows) > IMPOSTOR_ALIGNED:
-        rows = np.sort(np.random.default_rng(BOOTSTRAP_SEED).choice(rows, IMPOSTOR_ALIGNED, replace=False))
+        rows = np.sort(np.random.default_rng(IMPOSTOR_SAMPLE_SEED).choice(rows, IMPOSTOR_ALIGNED, replace=False))
     vectors = stored_vectors(store.faiss_index)[rows]
     scores, ids = store.search(vectors, IMPOSTOR_NEIGHBOURS)
     best_other = []
@@ -99,7 +103,7 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
             start_s, end_s = (float(x) for x in store.vector_span[row])
             steps = store.song_chroma(own)[int(start_s * STEP_RATE) : int(end_s * STEP_RATE)]
             query = steps[-(align_frames(stream) // POOL_FRAMES) :]  # as many steps as the daemon aligns
-            found = fuse_chroma(found, query, store.song_chroma, stream)
+            found = fuse_scores(found, query, store.song_chroma, stream)
         if found:
             best_other.append(max(found.values()))
     impostor = np.asarray(best_other)
@@ -235,7 +239,7 @@ def fuse_hops(
     """Per hop embedding scores and alignment-window chroma -> the daemon's fused scores."""
     if stream_cfg.align_weight <= 0:
         return scores
-    return [fuse_chroma(s, q, index.song_chroma, stream_cfg) if s and q is not None else s for s, q in zip(scores, queries)]
+    return [fuse_scores(s, q, index.song_chroma, stream_cfg) if s and q is not None else s for s, q in zip(scores, queries)]
 
 
 def embedding_hop_scores(

@@ -20,8 +20,10 @@ identification", the Qmax measure):
 5. Qmax: the longest path through recurrences moving by (1,1), (2,1) or (1,2) steps
    (tempo ratios 1/2..2), with penalties for entering and staying in a gap.
 
-`alignment_score` is Qmax over the query's steps, in [0, 1]: the fraction of the window
-that follows the reference. The daemon adds `stream.align_weight` times it to the
+`alignment_score` is Qmax over the query's steps, in [0, 1]: about the fraction of the
+window that follows the reference. A path grows by one per *reference* step, so a query
+played slower than the reference tops out below 1 (~0.83 at 1.2x slower, 0.5 at 2x) while
+a faster one can reach 1; the settings were tuned with this scale. The daemon adds `stream.align_weight` times it to the
 embedding score of each of the `stream.align_candidates` best songs (`fuse_scores`), and
 calibration measures the fused score the same way, so thresholds stay in the units the decisions use.
 
@@ -121,21 +123,11 @@ def align_frames(cfg: StreamConfig) -> int:
 
 
 def fuse_scores(
-    scores: dict[int, float], window: np.ndarray | None, song_chroma: Callable[[int], np.ndarray], cfg: StreamConfig
-) -> dict[int, float]:
-    """One hop's {song row: embedding score} -> the same with the `align_candidates` best
-    songs raised by align_weight * alignment of `window` ((T, F) log-CQT of the last
-    align_window_s of audio) with `song_chroma(row)` ((S, 12)); other songs keep theirs.
-    Unchanged with align_weight 0 or no window (silence)."""
-    if cfg.align_weight <= 0.0 or window is None or not scores:
-        return scores
-    return fuse_chroma(scores, chroma(window), song_chroma, cfg)
-
-
-def fuse_chroma(
     scores: dict[int, float], query: np.ndarray, song_chroma: Callable[[int], np.ndarray], cfg: StreamConfig
 ) -> dict[int, float]:
-    """`fuse_scores` for a query already in chroma steps ((S, 12))."""
+    """One hop's {song row: embedding score} -> the same with the `align_candidates` best
+    songs raised by align_weight * alignment of `query` ((S, 12) chroma of the last
+    align_window_s of audio) with `song_chroma(row)` ((S', 12)); other songs keep theirs."""
     fused = dict(scores)
     for row in sorted(scores, key=scores.__getitem__, reverse=True)[: cfg.align_candidates]:
         fused[row] = scores[row] + cfg.align_weight * alignment_score(query, song_chroma(row), cfg.align_delay, cfg.align_neighbours)

@@ -61,7 +61,7 @@ class StreamConfig:
     # a stream calibration records these and is measured with them.
     align_weight: float = _f(0.5, 0.0, 10.0)  # 0 = the embedding score alone
     align_window_s: float = _f(20.0, 3.0, 600.0)  # cut to the longest of windows_s (the ring holds no more)
-    align_candidates: int = _f(5, 1, 1000)  # songs aligned per hop (~10 ms each for a 1-min reference)
+    align_candidates: int = _f(5, 1, 1000)  # songs aligned per hop (~3 ms each for a 40-s reference, growing with its length)
     align_delay: int = _f(13, 1, 40)  # chroma steps (~0.21 s each) stacked into one delay-embedded step
     align_neighbours: float = _f(0.1, 0.01, 1.0)  # fraction of steps that are a step's nearest neighbours
 

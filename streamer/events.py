@@ -4,6 +4,8 @@
      "song_id": "...", "title": "...", "score": 0.83, "stream_time_s": 61.3,
      "match_start_s": 61.3, "wall_time": "2026-11-29T01:02:03.456Z", "p_value": 2.1e-06}
 
+`score` is the fused score that decided: embedding cosine + `[stream] align_weight` x the
+alignment score (streamer/alignment.py), so up to 1 + align_weight.
 `p_value` is the calibrated confidence beside the raw score (index_builder/calibrate.py):
 the chance that one block of non-catalog audio reaches this score; null when the index
 has no stream calibration.

@@ -82,11 +82,18 @@ def test_fuse_scores_raises_only_the_best_candidates():
     reference = melody_chroma(1)
     songs = {0: reference, 1: melody_chroma(2), 2: melody_chroma(3)}
     window = np.log(np.repeat(np.tile(reference[:100], (1, N_BINS // 12)), POOL_FRAMES, axis=0) + LOG_FLOOR)  # (T, F) log-CQT
+    query = chroma(window)
+    np.testing.assert_allclose(query, reference[:100] * (N_BINS // 12), rtol=1e-3)  # the round trip through the CQT's log
     scores = {0: 0.5, 1: 0.45, 2: 0.2}
     cfg = StreamConfig(align_weight=1.0, align_candidates=2, align_delay=DELAY, align_neighbours=NEIGHBOURS)
-    fused = fuse_scores(scores, window, songs.__getitem__, cfg)
+    fused = fuse_scores(scores, query, songs.__getitem__, cfg)
     assert fused[0] - scores[0] > 0.9  # the window is this song's opening
     assert 0.0 <= fused[1] - scores[1] < 0.35
     assert fused[2] == scores[2]  # not among the 2 best: not aligned
-    assert fuse_scores(scores, None, songs.__getitem__, cfg) == scores  # silent window
-    assert fuse_scores(scores, window, songs.__getitem__, StreamConfig(align_weight=0.0)) == scores
+    assert scores == {0: 0.5, 1: 0.45, 2: 0.2}  # the input is left alone
+
+
+def test_log_floor_matches_the_front_end():
+    """chroma() undoes the front end's log(magnitude + floor); the two floors must agree."""
+    frontend = pytest.importorskip("model.frontend")  # needs torch (the train extra)
+    assert frontend.LOG_FLOOR == LOG_FLOOR

@@ -161,7 +161,8 @@ def test_calibrate_cli_stores_thresholds_and_index_add_recalibrates(index_dir, r
     config = tmp_path / "cal.toml"
     # Embedding scores alone: with the random model and the alignment term (these synthetic tunes
     # share their pitch material) the leading song changes nearly every hop, leaving too few
-    # usable 5-s blocks; the alignment term is calibrated in test_calibration_replay_*.
+    # usable 5-s blocks. The alignment term's calibration is checked against the daemon in
+    # tests/test_stream_eval.py (replay of the calibration's scores gives the daemon's events).
     config.write_text("[index_build]\ncalibration_block_s = 5.0\ntarget_false_alarms_per_day = 2.0\n[stream]\nalign_weight = 0.0\n")
     audio = []
     for seed in (50, 51):  # unrelated to the catalog's songs 0-2
