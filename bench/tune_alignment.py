@@ -18,9 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
-from index_builder.calibrate import block_maxima, embedding_hop_scores, fuse_hops, leaders, run_statistic, thresholds_for_rate
+from index_builder.calibrate import embedding_hop_scores, fit_statistics, fuse_hops, leaders, run_statistic
 from index_builder.store import load_index
 from streamer.artifacts import resolve_model_dir
 from streamer.config import Config, replace_section
@@ -36,11 +34,7 @@ def calibrated_thresholds(index, measured: list[tuple], cfg: Config) -> dict:
     stats = [
         run_statistic(*leaders(fuse_hops(scores, queries, index, cfg.stream)), cfg.decision.start_hops) for _, scores, queries in measured
     ]
-    hops_per_block = max(1, round(cfg.index_build.calibration_block_s / cfg.stream.hop_s))
-    maxima, n_blocks = zip(*(block_maxima(s, hops_per_block) for s in stats))
-    return thresholds_for_rate(
-        np.concatenate(maxima), sum(n_blocks), hops_per_block * cfg.stream.hop_s, cfg.index_build.target_false_alarms_per_day
-    )
+    return fit_statistics(stats, cfg)
 
 
 def main() -> None:

@@ -87,6 +87,7 @@ def _assemble(
 ) -> IndexStore:
     vectors, spans, chromas = embedded
     stacked = np.concatenate(vectors).astype(np.float32)
+    chroma_rows, chroma_offsets = pack_chroma(chromas)
     spec = spec_for(cfg.index_type, embedder.dim, len(stacked))
     index = build_faiss_index(spec, stacked)
     store = IndexStore(
@@ -103,10 +104,9 @@ def _assemble(
             "index": spec.to_settings(),
         },
         calibration={},
-        chroma=np.zeros((0, 12), np.float16),
-        chroma_offsets=np.zeros(1, np.int64),
+        chroma=chroma_rows,
+        chroma_offsets=chroma_offsets,
     )
-    store.chroma, store.chroma_offsets = pack_chroma(chromas)
     store.calibration = impostor_calibration(store, cfg, stream)
     return store
 

@@ -90,15 +90,11 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
     if stream.align_weight > 0 and len(rows) > IMPOSTOR_ALIGNED:
         rows = np.sort(np.random.default_rng(IMPOSTOR_SAMPLE_SEED).choice(rows, IMPOSTOR_ALIGNED, replace=False))
     vectors = stored_vectors(store.faiss_index)[rows]
-    scores, ids = store.search(vectors, IMPOSTOR_NEIGHBOURS)
+    per_song = store.best_per_song_grouped(vectors, np.arange(len(rows)), len(rows), IMPOSTOR_NEIGHBOURS)
     best_other = []
-    for row, s_row, i_row in zip(rows, scores, ids):
+    for row, found in zip(rows, per_song):
         own = int(store.vector_song[row])
-        found: dict[int, float] = {}
-        for score, vid in zip(s_row.tolist(), i_row.tolist()):
-            song = int(store.vector_song[vid]) if vid >= 0 else own
-            if song != own and score > found.get(song, -np.inf):
-                found[song] = score
+        found.pop(own, None)  # the vector's own song is no impostor
         if found and stream.align_weight > 0:
             start_s, end_s = (float(x) for x in store.vector_span[row])
             steps = store.song_chroma(own)[int(start_s * STEP_RATE) : int(end_s * STEP_RATE)]
@@ -299,6 +295,15 @@ def leaders(scores: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t[0] for t in top], dtype=np.int64), np.array([t[1] for t in top], dtype=np.float64)
 
 
+def fit_statistics(stats: list[np.ndarray], cfg: Config) -> dict:
+    """Per calibration file, the (H,) `run_statistic` of its hops -> `thresholds_for_rate`'s fit
+    over their `calibration_block_s` block maxima, for `target_false_alarms_per_day`."""
+    build = cfg.index_build
+    hops_per_block = max(1, round(build.calibration_block_s / cfg.stream.hop_s))
+    maxima, n_blocks = zip(*(block_maxima(s, hops_per_block) for s in stats))
+    return thresholds_for_rate(np.concatenate(maxima), sum(n_blocks), hops_per_block * cfg.stream.hop_s, build.target_false_alarms_per_day)
+
+
 def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Config) -> dict:
     """Measure non-catalog audio against the index; store thresholds in its manifest.
 
@@ -320,10 +325,7 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
             len(audio) / SAMPLE_RATE,
             float(np.median(top_score[np.isfinite(top_score)])),
         )
-    build = cfg.index_build
-    hops_per_block = max(1, round(build.calibration_block_s / cfg.stream.hop_s))
-    maxima, n_blocks = zip(*(block_maxima(s, hops_per_block) for s in stats))
-    fit = thresholds_for_rate(np.concatenate(maxima), sum(n_blocks), hops_per_block * cfg.stream.hop_s, build.target_false_alarms_per_day)
+    fit = fit_statistics(stats, cfg)
     fit.update(
         audio=[str(p) for p in audio_paths],
         audio_s=round(seconds, 1),
@@ -340,7 +342,7 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
     low, high = fit["start_threshold_interval"]
     log.info(
         "calibrated %s on %.0f s of non-catalog audio: start %.3f (90 %% interval %.3f-%.3f), end %.3f for %g false alarms/day",
-        index_dir, seconds, fit["start_threshold"], low, high, fit["end_threshold"], build.target_false_alarms_per_day,
+        index_dir, seconds, fit["start_threshold"], low, high, fit["end_threshold"], cfg.index_build.target_false_alarms_per_day,
     )  # fmt: skip
     if fit["n_blocks"] < STEADY_BLOCKS:
         log.warning(

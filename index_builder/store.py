@@ -106,14 +106,19 @@ class IndexStore:
         return best
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The bytes of `array` as an .npy file (no pickle)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def vector_table_bytes(vector_song: np.ndarray, vector_span: np.ndarray) -> bytes:
     """(V,) song rows and (V, 2) spans -> the bytes of a `VECTOR_TABLE_DTYPE` .npy file."""
     table = np.empty(len(vector_song), dtype=VECTOR_TABLE_DTYPE)
     table["song"] = vector_song
     table["start"], table["end"] = vector_span[:, 0], vector_span[:, 1]
-    buffer = io.BytesIO()
-    np.save(buffer, table, allow_pickle=False)
-    return buffer.getvalue()
+    return npy_bytes(table)
 
 
 def pack_chroma(per_song: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -149,9 +154,8 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
     )
     table = vector_table_bytes(store.vector_song, store.vector_span)
     table_name, table_digest = _write_content_addressed(index_dir, "table", ".npy", lambda p: p.write_bytes(table))
-    chroma = io.BytesIO()
-    np.save(chroma, np.ascontiguousarray(store.chroma, dtype=np.float16), allow_pickle=False)
-    chroma_name, chroma_digest = _write_content_addressed(index_dir, "chroma", ".npy", lambda p: p.write_bytes(chroma.getvalue()))
+    chroma = npy_bytes(np.ascontiguousarray(store.chroma, dtype=np.float16))
+    chroma_name, chroma_digest = _write_content_addressed(index_dir, "chroma", ".npy", lambda p: p.write_bytes(chroma))
     manifest = {
         "format_version": FORMAT_VERSION,
         "model_hash": store.model_hash,

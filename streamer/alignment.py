@@ -23,9 +23,10 @@ identification", the Qmax measure):
 `alignment_score` is Qmax over the query's steps, in [0, 1]: about the fraction of the
 window that follows the reference. A path grows by one per *reference* step, so a query
 played slower than the reference tops out below 1 (~0.83 at 1.2x slower, 0.5 at 2x) while
-a faster one can reach 1; the settings were tuned with this scale. The daemon adds `stream.align_weight` times it to the
-embedding score of each of the `stream.align_candidates` best songs (`fuse_scores`), and
-calibration measures the fused score the same way, so thresholds stay in the units the decisions use.
+a faster one can reach 1; the settings were tuned with this scale. The daemon adds
+`stream.align_weight` times it to the embedding score of each of the
+`stream.align_candidates` best songs (`fuse_scores`), and calibration measures the fused
+score the same way, so thresholds stay in the units the decisions use.
 
 Letters: T CQT frames, F CQT bins, S chroma steps.
 """
