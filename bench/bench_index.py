@@ -2,7 +2,7 @@
 
 Real part: one version of each of `--groups` validation cover groups
 (~/.cache/coverwatch/covers, split "val", never used for training) is indexed through
-index_builder.build.build_index, which also gives the index build speed (reference audio
+coverwatch.index_builder.build.build_index, which also gives the index build speed (reference audio
 seconds per CPU second). Every other version of those groups gives one query: a
 `--query-s` excerpt at a seeded offset, embedded like a live window.
 
@@ -44,8 +44,14 @@ import numpy as np
 import soundfile
 from report import write_section  # bench/report.py, beside this script
 
-from index_builder.build import build_index
-from index_builder.index_types import (
+from coverwatch.index_builder.build import build_index
+from coverwatch.index_builder.refs import Reference
+from coverwatch.streamer.config import IndexBuildConfig
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import seconds_to_samples
+from coverwatch.streamer.frontend.decode import load_audio
+from coverwatch.streamer.search.index_types import (
     INDEX_TYPES,
     IndexSpec,
     add_vectors,
@@ -57,12 +63,6 @@ from index_builder.index_types import (
     train_index,
     training_sample,
 )
-from index_builder.refs import Reference
-from streamer.artifacts import DEFAULT_MODEL_DIR
-from streamer.audio import seconds_to_samples
-from streamer.config import IndexBuildConfig
-from streamer.decode import load_audio
-from streamer.embedder import Embedder
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -615,7 +615,7 @@ def to_markdown(ctx: dict, rows: list[dict], catalogs: list[dict], resemblance: 
             f"{CHUNK_SONGS:,} songs, never held whole. Exact ground truth is a chunked brute-force top-{TOP_K}."
         ),
         "",
-        "### Index build speed (index_builder.build.build_index on real rendered references)",
+        "### Index build speed (coverwatch.index_builder.build.build_index on real rendered references)",
         "",
         f"{real['audio_s']:.0f} s of reference audio ({real['songs']} FLAC files) embedded and indexed in {real['build_cpu_s']:.1f} CPU s "
         f"({real['build_wall_s']:.1f} s wall): **{speed:.1f}x real time per CPU second** (target >= 50x: "
@@ -670,7 +670,7 @@ def to_markdown(ctx: dict, rows: list[dict], catalogs: list[dict], resemblance: 
             lines.append(f"| {r['songs']:,} | {r['type']} | {s['param']} | {s['value']} | {s['recall']:.3f} | {s['batched_ms']:.3f} |")
     lines += [
         "",
-        "### What `--type auto` picks (index_builder/index_types.py)",
+        "### What `--type auto` picks (streamer/search/index_types.py)",
         "",
         "| songs | vectors | auto picks | measured here |",
         "|---|---|---|---|",

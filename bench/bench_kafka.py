@@ -33,8 +33,8 @@ import soxr
 from report import write_section  # bench/report.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the tests' broker and daemon helpers
-from streamer.config import Config  # noqa: E402
-from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index  # noqa: E402
+from coverwatch.evaluation.demo import default_workdir, ensure_demo_data, ensure_demo_index  # noqa: E402
+from coverwatch.streamer.config import Config  # noqa: E402
 from tests.broker import TansuBroker, free_port  # noqa: E402
 from tests.daemon import Daemon, send_stream, wait_for  # noqa: E402
 

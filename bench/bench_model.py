@@ -35,9 +35,9 @@ import numpy as np
 import onnxruntime as ort
 from report import write_section  # bench/report.py, beside this script
 
-from streamer.artifacts import DEFAULT_MODEL_DIR, MODEL_FILES, load_model_info
-from streamer.audio import N_BINS, seconds_to_frames
-from streamer.config import StreamConfig
+from coverwatch.streamer.config import StreamConfig
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR, MODEL_FILES, load_model_info
+from coverwatch.streamer.frontend.audio import N_BINS, seconds_to_frames
 
 SECTION = "## Encoder cost vs window length (bench/bench_model.py)"
 PLOT = Path(__file__).resolve().parent / "model_cost.png"
@@ -238,7 +238,7 @@ def markdown(result: dict) -> str:
         "Models: " + ", ".join(f"{name} = {info}" for name, info in models.items()),
         "",
         (
-            "Encoder only (cqt.onnx is identical in all variants), default session options of streamer/embedder.py "
+            "Encoder only (cqt.onnx is identical in all variants), default session options of streamer/embed/embedder.py "
             "(intra-op threads = [model] threads, inter-op 1, all graph optimisations). Plot: [model_cost.png](model_cost.png)."
         ),
         "",

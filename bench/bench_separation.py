@@ -2,7 +2,7 @@
 window length: the threshold-free view behind the stream evaluation's few play counts.
 
 For each model (with an index of the same catalog built by that model) and each window
-length, the daemon's own hop scoring (`index_builder.calibrate.hop_scores`, one window
+length, the daemon's own hop scoring (`coverwatch.index_builder.calibrate.hop_scores`, one window
 length at a time, every vector searched) gives
 
 - positives: in each simulated stream, the true song's score at every hop whose window
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 from report import write_section  # bench/report.py, beside this script
 
-from index_builder.calibrate import hop_scores
-from index_builder.store import load_index
-from streamer.config import Config
-from streamer.decode import load_audio
-from streamer.embedder import Embedder
-from streamer.stream_eval import plays_from_truth
+from coverwatch.evaluation.stream_eval import plays_from_truth
+from coverwatch.index_builder.calibrate import hop_scores
+from coverwatch.streamer.config import Config
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.decode import load_audio
+from coverwatch.streamer.search.store import load_index
 
 SECTION = "## Hop-level separation (bench/bench_separation.py)"
 log = logging.getLogger("bench_separation")

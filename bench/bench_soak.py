@@ -10,7 +10,7 @@ kafka` (production windows 10/20/40 s, hop 2.5 s, calibrated thresholds, file + 
 sinks) consumes them. Every SAMPLE_S the daemon's RSS and open file descriptors are read
 from /proc. The run ends at H hours per stream or at the wall-time limit, whichever comes
 first: each stream finishes its segment and gets TAIL_S of silence, the daemon drains and
-is stopped with SIGTERM, and its events are scored against the timelines (streamer.scoring).
+is stopped with SIGTERM, and its events are scored against the timelines (coverwatch.evaluation.scoring).
 
 Writes bench/soak.png (RSS and fds against audio processed) and the soak section of
 bench/RESULTS.md.
@@ -40,11 +40,11 @@ from kafka import KafkaProducer
 from report import write_section  # bench/report.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: the tests' broker and daemon helpers
-from streamer.audio import SAMPLE_RATE
-from streamer.config import Config
-from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index
-from streamer.scoring import Play, score_stream
-from streamer.wire import encode_chunk
+from coverwatch.evaluation.demo import default_workdir, ensure_demo_data, ensure_demo_index
+from coverwatch.evaluation.scoring import Play, score_stream
+from coverwatch.streamer.config import Config
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.sources.wire import encode_chunk
 from tests.broker import TansuBroker, free_port
 from tests.daemon import Daemon, wait_for
 

@@ -31,8 +31,8 @@ import faiss
 import numpy as np
 from report import write_section  # bench/report.py, beside this script
 
-from index_builder.store import IndexStore, SongEntry, load_index, save_index
-from streamer.artifacts import DEFAULT_MODEL_DIR, load_model_info, sha256_file
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR, load_model_info, sha256_file
+from coverwatch.streamer.search.store import IndexStore, SongEntry, load_index, save_index
 
 SEGMENTS_PER_SONG = 10  # as bench_index.py
 DIM = 512

@@ -25,12 +25,12 @@ import soundfile
 import soxr
 from report import write_section  # bench/report.py, beside this script
 
-from index_builder.store import load_index
-from streamer.artifacts import DEFAULT_MODEL_DIR
-from streamer.config import Config, replace_section
-from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index
-from streamer.embedder import Embedder
-from streamer.pipeline import Monitor
+from coverwatch.evaluation.demo import default_workdir, ensure_demo_data, ensure_demo_index
+from coverwatch.streamer.config import Config, replace_section
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.search.store import load_index
+from coverwatch.streamer.service.pipeline import Monitor
 
 SECTION = "## Streaming path (bench/bench_stream.py)"
 

@@ -46,14 +46,14 @@ import soundfile  # noqa: E402
 import soxr  # noqa: E402
 from report import write_section  # noqa: E402  bench/report.py, beside this script
 
-from index_builder.store import IndexStore, load_index  # noqa: E402
-from streamer.artifacts import DEFAULT_MODEL_DIR  # noqa: E402
-from streamer.audio import SAMPLE_RATE, seconds_to_frames  # noqa: E402
-from streamer.config import Config  # noqa: E402
-from streamer.decision import Hysteresis  # noqa: E402
-from streamer.demo import default_workdir, ensure_demo_data, ensure_demo_index  # noqa: E402
-from streamer.embedder import Embedder  # noqa: E402
-from streamer.pipeline import Monitor  # noqa: E402
+from coverwatch.evaluation.demo import default_workdir, ensure_demo_data, ensure_demo_index  # noqa: E402
+from coverwatch.streamer.config import Config  # noqa: E402
+from coverwatch.streamer.decide.hysteresis import Hysteresis  # noqa: E402
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR  # noqa: E402
+from coverwatch.streamer.embed.embedder import Embedder  # noqa: E402
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE, seconds_to_frames  # noqa: E402
+from coverwatch.streamer.search.store import IndexStore, load_index  # noqa: E402
+from coverwatch.streamer.service.pipeline import Monitor  # noqa: E402
 
 SECTION_PREFIX = "## Many streams (bench/bench_streams.py"
 CHUNK_S = 0.5

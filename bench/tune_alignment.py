@@ -18,13 +18,14 @@ import logging
 import time
 from pathlib import Path
 
-from index_builder.calibrate import embedding_hop_scores, fit_statistics, fuse_hops, leaders, run_statistic
-from index_builder.store import load_index
-from streamer.artifacts import resolve_model_dir
-from streamer.config import Config, replace_section
-from streamer.decode import load_audio
-from streamer.embedder import Embedder
-from streamer.stream_eval import Trace, plays_from_truth, replay, score_events, summarize
+from coverwatch.evaluation.stream_eval import Trace, plays_from_truth, replay, score_events, summarize
+from coverwatch.index_builder.calibrate import embedding_hop_scores, fit_statistics
+from coverwatch.streamer.config import Config, replace_section
+from coverwatch.streamer.decide.calibration import fuse_hops, leaders, run_statistic
+from coverwatch.streamer.embed.artifacts import resolve_model_dir
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.decode import load_audio
+from coverwatch.streamer.search.store import load_index
 
 log = logging.getLogger("tune_alignment")
 

@@ -1,7 +1,7 @@
 """Tune the decision layer on simulated tuning streams (never on the held-out streams).
 
 For each stream config (windows, hop) the tuning streams are scored once per hop as the
-daemon scores them (index_builder.calibrate.hop_scores); the daemon's own hysteresis then
+daemon scores them (coverwatch.index_builder.calibrate.hop_scores); the daemon's own hysteresis then
 replays every combination of start/end threshold and start/end hops over those scores.
 Writes the table (best first: fewest false alarms, then recall, then latency) to
 OUT/TUNING.md and OUT/tuning.json.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.store import load_index
-from streamer.artifacts import resolve_model_dir
-from streamer.config import Config, replace_section
-from streamer.embedder import Embedder
-from streamer.stream_eval import Trace, TruthPlay, pareto, stream_trace, tune_decisions, tuning_table
+from coverwatch.evaluation.stream_eval import Trace, TruthPlay, pareto, stream_trace, tune_decisions, tuning_table
+from coverwatch.streamer.config import Config, replace_section
+from coverwatch.streamer.embed.artifacts import resolve_model_dir
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.search.store import load_index
 
 log = logging.getLogger("tune_decisions")
 

@@ -4,7 +4,7 @@ Each reference is embedded as overlapping segments (IndexBuildConfig.segment_s e
 segment_hop_s, the last one aligned to the track's end) so that a short live excerpt can
 match any part of a song, plus optionally the whole track. Nothing is written until every
 reference has been embedded; then `save_index` replaces the index atomically. Each
-reference's chroma sequence (streamer/alignment.py) is kept beside its vectors for the
+reference's chroma sequence (streamer/decide/alignment.py) is kept beside its vectors for the
 daemon's alignment check.
 """
 
@@ -16,33 +16,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index_builder.calibrate import impostor_calibration, recalibrate_if_needed
-from index_builder.index_types import build_faiss_index, spec_for
-from index_builder.refs import Reference
-from index_builder.store import IndexStore, SongEntry, load_index, pack_chroma, read_manifest, save_index
-from streamer.alignment import chroma
-from streamer.audio import frames_to_seconds, seconds_to_frames
-from streamer.config import IndexBuildConfig, StreamConfig
-from streamer.decode import load_audio
-from streamer.embedder import Embedder
+from coverwatch.index_builder.calibrate import impostor_calibration, recalibrate_if_needed
+from coverwatch.index_builder.refs import Reference
+from coverwatch.streamer.config import IndexBuildConfig, StreamConfig
+from coverwatch.streamer.decide.alignment import chroma
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import frames_to_seconds, seconds_to_frames
+from coverwatch.streamer.frontend.decode import load_audio
+from coverwatch.streamer.search.index_types import build_faiss_index, spec_for
+from coverwatch.streamer.search.segments import WHOLE_TRACK_MAX_S, segment_spans
+from coverwatch.streamer.search.store import IndexStore, SongEntry, load_index, pack_chroma, read_manifest, save_index
 
 log = logging.getLogger(__name__)
-
-WHOLE_TRACK_MAX_S = 600.0  # longer tracks are embedded whole only up to this length
-
-
-def segment_spans(n_frames: int, segment_frames: int, hop_frames: int) -> list[tuple[int, int]]:
-    """[start, end) frame spans of segments covering n_frames; the last ends at n_frames.
-
-    A track shorter than one segment gives the single span (0, n_frames).
-    """
-    if n_frames <= segment_frames:
-        return [(0, n_frames)]
-    starts = list(range(0, n_frames - segment_frames + 1, hop_frames))
-    if starts[-1] + segment_frames < n_frames:
-        starts.append(n_frames - segment_frames)
-    return [(s, s + segment_frames) for s in starts]
-
 
 def embed_reference(embedder: Embedder, frames: np.ndarray, cfg: IndexBuildConfig) -> tuple[np.ndarray, np.ndarray]:
     """(T, F) log-CQT of one reference -> (vectors (S, D), spans (S, 2) in seconds)."""

@@ -1,4 +1,4 @@
-"""Decision thresholds from score statistics, stored in the index manifest's calibration.
+"""Setting an index's decision thresholds, stored in its manifest's calibration.
 
 Two calibrations, both per index (the best score of unrelated audio is a maximum over the
 catalog's songs, so it grows with the catalog):
@@ -7,20 +7,10 @@ catalog's songs, so it grows with the catalog):
   other songs' segments; the start threshold is a high quantile. Cheap, needs no audio,
   but reference-vs-reference scores are not what a broadcast feeds the daemon.
 - *stream* (`calibrate_index`, `coverwatch calibrate`): non-catalog audio runs through
-  the daemon's scoring (windows ending at every hop, silence gating, top-k search). A
-  start needs one song to lead for `start_hops` hops, so the statistic per hop is the
-  lowest top score over the last `start_hops` hops when one song led all of them. Its
-  maxima over blocks of `calibration_block_s` are fitted with a Gumbel law (the law of
-  maxima); a block whose maximum passes the start threshold is one false alarm, so
-
-      false alarms per day (t) = blocks per day * share of usable blocks * (1 - G(t))
-
-  and the start threshold solves that for `target_false_alarms_per_day`. The end
-  threshold is the median block maximum: below it, a score is what unrelated audio
-  reaches anyway. A 1-per-day threshold lies far beyond the handful of maxima a short
-  calibration sees, so the fit is redone on resampled maxima (bootstrap) and the start
-  threshold's 90 % interval is stored beside it, and logged. An event's `p_value` is
-  1 - G(score): the chance that one block of unrelated audio scores this high.
+  the daemon's scoring (windows ending at every hop, silence gating, top-k search), and
+  the block maxima of the resulting statistic are fitted for a target false-alarm rate.
+  The statistics themselves (Gumbel fit, run statistic, p-values) live in
+  `coverwatch.streamer.decide.calibration`, which the daemon reads too.
 
 Letters: H hops, N samples, T frames, F CQT bins.
 """
@@ -29,32 +19,32 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from index_builder.store import IndexStore, load_index, save_index
-from streamer.alignment import POOL_FRAMES, STEP_RATE, align_frames, chroma, fuse_scores
-from streamer.audio import HOP_LENGTH, SAMPLE_RATE, seconds_to_frames
-from streamer.config import Config, IndexBuildConfig, StreamConfig
-from streamer.rolling import hop_energy
+from coverwatch.streamer.config import Config, IndexBuildConfig, StreamConfig
+from coverwatch.streamer.decide.alignment import POOL_FRAMES, STEP_RATE, align_frames, chroma, fuse_scores
+from coverwatch.streamer.decide.calibration import (
+    ALIGNMENT_KEYS,
+    block_maxima,
+    fuse_hops,
+    leaders,
+    run_statistic,
+    thresholds_for_rate,
+)
+from coverwatch.streamer.frontend.audio import HOP_LENGTH, SAMPLE_RATE, seconds_to_frames
+from coverwatch.streamer.frontend.rolling import hop_energy
+from coverwatch.streamer.search.store import IndexStore, load_index, save_index
 
 log = logging.getLogger(__name__)
 
 IMPOSTOR_NEIGHBOURS = 64  # neighbours searched per vector for the impostor calibration
 IMPOSTOR_ALIGNED = 2000  # with the alignment term (~20 ms a vector), a larger catalog's impostors are sampled
 IMPOSTOR_SAMPLE_SEED = 0  # that sample is reproducible
-SECONDS_PER_DAY = 86400.0
-EULER_GAMMA = 0.5772156649015329
-MIN_BLOCKS = 10  # fewer usable blocks than this cannot be fitted
 STEADY_BLOCKS = 60  # fewer blocks than this (1 h at 60-s blocks): warn that the start threshold is loose
-BOOTSTRAP_RESAMPLES = 1000  # refits behind the start threshold's interval
-BOOTSTRAP_SEED = 0  # the interval is reproducible for the same audio
 HOPS_PER_SEARCH = 256  # hops embedded and searched per batch (bounds memory)
 EMBED_BATCH = 64  # windows per encoder call (offline: larger calls than the daemon's)
-# [stream] settings of the alignment term: part of the score, so recorded with a calibration
-ALIGNMENT_KEYS = ("align_weight", "align_window_s", "align_candidates", "align_delay", "align_neighbours")
 
 
 # --- impostor calibration (reference vs reference) -----------------------------------
@@ -117,125 +107,15 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
     }
 
 
-# --- the extreme-value model (pure) ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Gumbel:
-    loc: float
-    scale: float
-
-    def sf(self, x: float) -> float:
-        """P(block maximum > x)."""
-        return float(-np.expm1(-np.exp(-(x - self.loc) / self.scale)))
-
-    def isf(self, p: float) -> float:
-        """The x with P(block maximum > x) = p, 0 < p < 1."""
-        assert 0.0 < p < 1.0, p
-        return float(self.loc - self.scale * math.log(-math.log1p(-p)))
-
-
-def fit_gumbel(maxima: np.ndarray) -> Gumbel:
-    """Gumbel law for (B,) block maxima, by the method of moments (robust for small B)."""
-    assert maxima.ndim == 1 and len(maxima) >= 2, maxima.shape
-    scale = max(float(np.std(maxima, ddof=1)) * math.sqrt(6.0) / math.pi, 1e-6)
-    return Gumbel(float(np.mean(maxima)) - EULER_GAMMA * scale, scale)
-
-
-def run_statistic(top_song: np.ndarray, top_score: np.ndarray, start_hops: int) -> np.ndarray:
-    """(H,) leading song (-1 = none) and its score per hop -> (H,) score a start could use.
-
-    At hop h it is the lowest of the last `start_hops` top scores when one song led all of
-    them, else -inf: the highest start threshold that would have started a match there.
-    """
-    assert top_song.shape == top_score.shape and top_song.ndim == 1
-    out = np.full(len(top_score), -np.inf)
-    if len(top_score) < start_hops:
-        return out
-    n = len(top_score) - start_hops + 1  # hops with a full run behind them
-    same = top_song[start_hops - 1 :] >= 0
-    low = top_score[start_hops - 1 :].astype(np.float64)
-    for lag in range(1, start_hops):
-        same &= top_song[start_hops - 1 - lag : start_hops - 1 - lag + n] == top_song[start_hops - 1 :]
-        low = np.minimum(low, top_score[start_hops - 1 - lag : start_hops - 1 - lag + n])
-    out[start_hops - 1 :] = np.where(same, low, -np.inf)
-    return out
-
-
-def block_maxima(stat: np.ndarray, hops_per_block: int) -> tuple[np.ndarray, int]:
-    """(H,) statistic -> ((B',) maxima of the full blocks that hold a finite value, B total blocks)."""
-    n_blocks = len(stat) // hops_per_block
-    blocks = stat[: n_blocks * hops_per_block].reshape(n_blocks, hops_per_block).max(axis=1)
-    return blocks[np.isfinite(blocks)], n_blocks
-
-
-def bootstrap_interval(maxima: np.ndarray, p_block: float, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """(B,) block maxima -> 5th and 95th percentile of the fitted start threshold `isf(p_block)`
-    over `resamples` refits on maxima drawn with replacement: how far the few blocks of a
-    short calibration leave the threshold uncertain."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    # one resample at a time: a (resamples, B) index matrix is 240 MB for a 500-h calibration
-    starts = [fit_gumbel(maxima[rng.integers(0, len(maxima), len(maxima))]).isf(p_block) for _ in range(resamples)]
-    low, high = np.quantile(starts, [0.05, 0.95])
-    return float(low), float(high)
-
-
-def thresholds_for_rate(maxima: np.ndarray, n_blocks: int, block_s: float, target_per_day: float) -> dict:
-    """Gumbel fit of block maxima -> start threshold for `target_per_day` false alarms (with its
-    bootstrap interval), end threshold."""
-    if len(maxima) < MIN_BLOCKS:
-        raise ValueError(f"only {len(maxima)} usable {block_s:g}-s blocks of calibration audio; need {MIN_BLOCKS} (give more audio)")
-    gumbel = fit_gumbel(maxima)
-    usable = len(maxima) / n_blocks
-    blocks_per_day = SECONDS_PER_DAY / block_s
-    p_block = min(0.5, target_per_day / (blocks_per_day * usable))
-    start = gumbel.isf(p_block)
-    return {
-        "gumbel_loc": gumbel.loc,
-        "gumbel_scale": gumbel.scale,
-        "usable_share": usable,
-        "block_s": block_s,
-        "start_threshold": start,
-        "start_threshold_interval": list(bootstrap_interval(maxima, p_block)),
-        "n_blocks": len(maxima),
-        "end_threshold": min(start, gumbel.isf(0.5)),
-        "target_false_alarms_per_day": target_per_day,
-    }
-
-
-def false_alarms_per_day(calibration: dict, threshold: float) -> float:
-    """Expected false alarms per day of unrelated audio at start threshold `threshold`."""
-    stream = calibration["stream"]
-    gumbel = Gumbel(stream["gumbel_loc"], stream["gumbel_scale"])
-    return SECONDS_PER_DAY / stream["block_s"] * stream["usable_share"] * gumbel.sf(threshold)
-
-
-def p_value(calibration: dict, score: float) -> float | None:
-    """Chance that one calibration block of unrelated audio scores >= `score` (None: no stream calibration)."""
-    stream = calibration.get("stream")
-    if not stream:
-        return None
-    return Gumbel(stream["gumbel_loc"], stream["gumbel_scale"]).sf(score)
-
-
 # --- measuring scores on audio ---------------------------------------------------------
 
 
 def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: StreamConfig) -> tuple[np.ndarray, list[dict[int, float]]]:
     """(N,) float32 audio at SAMPLE_RATE -> ((H,) decision times in s, per hop {song row: score}),
     as the daemon scores a file: `embedding_hop_scores`, then the daemon's alignment term
-    (streamer/alignment.py) for each hop's best `align_candidates` songs."""
+    (streamer/decide/alignment.py) for each hop's best `align_candidates` songs."""
     times, scores, queries = embedding_hop_scores(embedder, index, audio, stream_cfg)
     return times, fuse_hops(scores, queries, index, stream_cfg)
-
-
-def fuse_hops(
-    scores: list[dict[int, float]], queries: list[np.ndarray | None], index: IndexStore, stream_cfg: StreamConfig
-) -> list[dict[int, float]]:
-    """Per hop embedding scores and alignment-window chroma -> the daemon's fused scores."""
-    if stream_cfg.align_weight <= 0:
-        return scores
-    return [fuse_scores(s, q, index.song_chroma, stream_cfg) if s and q is not None else s for s, q in zip(scores, queries)]
 
 
 def embedding_hop_scores(
@@ -289,12 +169,6 @@ def embedding_hop_scores(
     return np.asarray(times), results, queries
 
 
-def leaders(scores: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-hop score dicts -> ((H,) leading song row or -1, (H,) its score or -inf)."""
-    top = [max(s.items(), key=lambda kv: kv[1]) if s else (-1, -np.inf) for s in scores]
-    return np.array([t[0] for t in top], dtype=np.int64), np.array([t[1] for t in top], dtype=np.float64)
-
-
 def fit_statistics(stats: list[np.ndarray], cfg: Config) -> dict:
     """Per calibration file, the (H,) `run_statistic` of its hops -> `thresholds_for_rate`'s fit
     over their `calibration_block_s` block maxima, for `target_false_alarms_per_day`."""
@@ -310,7 +184,7 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
     Returns the new calibration (the impostor figures stay; `stream` holds the fit, the
     audio used, the catalog size and the stream settings it was measured with).
     """
-    from streamer.decode import load_audio
+    from coverwatch.streamer.frontend.decode import load_audio
 
     store = load_index(index_dir, expected_model_hash=embedder.info.model_hash)
     stats, seconds = [], 0.0
@@ -361,7 +235,7 @@ def needs_recalibration(calibration: dict, n_songs: int, growth: float) -> bool:
 
 def stream_settings(calibration: dict, cfg: Config) -> Config:
     """`cfg` with the stream and decision settings a stream calibration was measured with."""
-    from streamer.config import replace_section
+    from coverwatch.streamer.config import replace_section
 
     stream = calibration["stream"]
     cfg = replace_section(
@@ -374,19 +248,6 @@ def stream_settings(calibration: dict, cfg: Config) -> Config:
         **{key: stream.get(key, getattr(cfg.stream, key)) for key in ALIGNMENT_KEYS},
     )
     return replace_section(cfg, "decision", start_hops=stream["start_hops"])
-
-
-def settings_drift(calibration: dict, stream: StreamConfig) -> list[str]:
-    """The [stream] settings that differ from those the thresholds in use were measured with
-    ("key: calibrated A, configured B"): a stream calibration's scoring settings, else the
-    impostor calibration's alignment settings. Thresholds do not hold for other settings."""
-    measured = calibration.get("stream") or calibration
-    keys = ("windows_s", "hop_s", "top_k", "silence_dbfs", *ALIGNMENT_KEYS) if calibration.get("stream") else ALIGNMENT_KEYS
-    return [
-        f"stream.{key}: calibrated {measured.get(key, 'without it')}, configured {getattr(stream, key)}"
-        for key in keys
-        if measured and measured.get(key) != getattr(stream, key)
-    ]
 
 
 def recalibrate_if_needed(index_dir: Path, store: IndexStore, embedder, build: IndexBuildConfig) -> dict:

@@ -1,7 +1,7 @@
 """Cover-group datasets and the demo catalog + stream, rendered from the music21 corpus.
 
 A *cover group* is one corpus tune rendered `versions_per_group` times with different
-arrangements (`model.render.random_arrangement`). The training model learns that the
+arrangements (`coverwatch.model.render.random_arrangement`). The training model learns that the
 versions of a group are the same song.
 
 Splits are decided per *title family* (`TuneSource.family`: variants of one song in
@@ -39,7 +39,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from model.render import (
+from coverwatch.model.degrade import degrade, random_chain
+from coverwatch.model.render import (
     DEFAULT_COLLECTIONS,
     HELD_OUT_SOUNDFONT,
     TRAIN_SOUNDFONT,
@@ -56,7 +57,7 @@ from model.render import (
     synth_soundfont,
     write_text_atomic,
 )
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class _Job:
     arrangement: Arrangement
     max_seconds: float
     path: Path | None = None
-    degradation: tuple[str, ...] = ()  # `model.degrade` chain applied after rendering
+    degradation: tuple[str, ...] = ()  # `coverwatch.model.degrade` chain applied after rendering
     degrade_seed: int = 0
 
 
@@ -197,8 +198,6 @@ def _render_job(job: _Job) -> tuple[_Job, np.ndarray | None, str | None]:
     try:
         audio = render(job.tune, job.arrangement, job.max_seconds)
         if job.degradation:
-            from model.degrade import degrade  # imported here: model.degrade -> model.simulate imports this module
-
             audio = degrade(audio, job.degradation, job.degrade_seed)
         if job.path is not None:
             _write_audio_atomic(job.path, audio, "FLAC")
@@ -257,11 +256,11 @@ def build_cover_dataset(
 
     Options that leave a build unchanged at their defaults:
     - `degrade_fraction`: share of versions (chosen by hash of seed, tune, version)
-      passed through a random `model.degrade` chain (reverb, EQ, compression, noise,
+      passed through a random `coverwatch.model.degrade` chain (reverb, EQ, compression, noise,
       codec). They are written as v<version>_<chain>.flac, never over a clean file,
       and the manifest gains a `degradation` column ("" for clean versions).
     - `exclude_families`: title families never used (e.g. the held-out real-variant
-      families of `model.variants`).
+      families of `coverwatch.model.variants`).
     """
     if n_groups < 1 or versions_per_group < 1 or not 0.0 <= val_fraction <= 1.0 or not 0.0 <= degrade_fraction <= 1.0:
         raise ValueError(
@@ -320,11 +319,9 @@ def build_cover_dataset(
 
 
 def _degradation_chain(seed: int, tune_id: str, version: int, fraction: float) -> tuple[str, ...]:
-    """The `model.degrade` chain of one version: () for a clean one (always when fraction is 0)."""
+    """The `coverwatch.model.degrade` chain of one version: () for a clean one (always when fraction is 0)."""
     if fraction <= 0 or _unit_hash("degrade", seed, tune_id, version) >= fraction:
         return ()
-    from model.degrade import random_chain  # imported here: model.degrade -> model.simulate imports this module
-
     return random_chain(_rng("degrade-chain", seed, tune_id, version))
 
 

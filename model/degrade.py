@@ -6,7 +6,7 @@ always gives the same output. `degrade` applies a chain in the fixed order of
 `DEGRADATIONS` (a room, then the channel: EQ, broadcast compression, noise, codec).
 
 Compression, noise and the codec round trip reuse the broadcast-chain functions of
-`model.simulate` with randomised settings; reverb and EQ are numpy/scipy here (no
+`coverwatch.model.effects` with randomised settings; reverb and EQ are numpy/scipy here (no
 extra package: pedalboard would do the same with more dependencies).
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import signal
 
-from model.simulate import CODECS, codec_roundtrip, compress, noise, rms_dbfs
-from streamer.audio import SAMPLE_RATE, seconds_to_samples
+from coverwatch.model.effects import CODECS, codec_roundtrip, compress, noise, rms_dbfs
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE, seconds_to_samples
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def additive_noise(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def lossy_codec(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(N,) -> (N,): round trip through a low-bitrate codec of `model.simulate.CODECS`."""
+    """(N,) -> (N,): round trip through a low-bitrate codec of `coverwatch.evaluation.simulate.CODECS`."""
     names = sorted(CODECS)
     return _fit(codec_roundtrip(audio.astype(np.float32), names[int(rng.integers(len(names)))]))
 

@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from index_builder.build import embed_reference
-from model.retrieval_metrics import evaluate_similarity
-from model.train import read_split
-from streamer.audio import BINS_PER_OCTAVE, seconds_to_frames
-from streamer.config import IndexBuildConfig
-from streamer.decode import load_audio
-from streamer.embedder import Embedder
+from coverwatch.index_builder.build import embed_reference
+from coverwatch.model.retrieval_metrics import evaluate_similarity
+from coverwatch.model.train import read_split
+from coverwatch.streamer.config import IndexBuildConfig
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import BINS_PER_OCTAVE, seconds_to_frames
+from coverwatch.streamer.frontend.decode import load_audio
 
 log = logging.getLogger(__name__)
 
 # Query lengths. A track no longer than an excerpt is used whole (`_excerpt`): cover-dataset
 # versions last at most 40 s, so there 60 s (and 30 s for short ones) means the whole track;
-# the real-variant renders of `model.variants` last 60-75 s.
+# the real-variant renders of `coverwatch.model.variants` last 60-75 s.
 EXCERPT_SECONDS = (5.0, 10.0, 20.0, 30.0, 60.0)
 CHROMA_POOL = 20  # CQT frames averaged per chroma frame (~0.46 s)
 PATCH = 32  # chroma frames per 2D-FFT patch (~15 s)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from model.frontend import CqtFrontEnd
-from model.network import CoverEncoder, ModelDims
-from streamer.artifacts import MODEL_FILES, ModelInfo, sha256_file
-from streamer.audio import BINS_PER_OCTAVE, FMIN, HOP_LENGTH, N_BINS, SAMPLE_RATE, seconds_to_frames
+from coverwatch.model.frontend import CqtFrontEnd
+from coverwatch.model.network import CoverEncoder, ModelDims
+from coverwatch.streamer.embed.artifacts import MODEL_FILES, ModelInfo, sha256_file
+from coverwatch.streamer.frontend.audio import BINS_PER_OCTAVE, FMIN, HOP_LENGTH, N_BINS, SAMPLE_RATE, seconds_to_frames
 
 log = logging.getLogger(__name__)
 

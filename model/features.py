@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.frontend import CqtFrontEnd
-from streamer.audio import cqt_in_pieces
-from streamer.decode import load_audio
+from coverwatch.model.frontend import CqtFrontEnd
+from coverwatch.streamer.frontend.audio import cqt_in_pieces
+from coverwatch.streamer.frontend.decode import load_audio
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from nnAudio.features import CQT1992v2
 from torch import nn
 
-from streamer.audio import BINS_PER_OCTAVE, FMIN, HOP_LENGTH, N_BINS, SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import BINS_PER_OCTAVE, FMIN, HOP_LENGTH, N_BINS, SAMPLE_RATE
 
 LOG_FLOOR = 1e-4  # magnitude floor before the log: about -80 dB below a full-scale tone
 

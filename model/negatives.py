@@ -8,7 +8,7 @@ group (model/train.py, model/losses.py), so the tail itself gets a gradient.
 The sources are Debian game-music packages that nothing else in coverwatch uses: not the
 packages reserved for held-out evaluation, and not asc-music, hyperrogue-music and
 drascula-music, which the simulated broadcast streams and the demo play as
-out-of-catalog music and calibrate on (model/simulate.py `GAME_MUSIC_DIRS`). So no
+out-of-catalog music and calibrate on (coverwatch/evaluation/simulate.py `GAME_MUSIC_DIRS`). So no
 detection figure is measured on music the network saw as a negative.
 """
 
@@ -58,10 +58,10 @@ def negative_music_files(dirs: dict[str, Path] = NEGATIVE_MUSIC_DIRS) -> list[tu
 
 def build_negative_manifest(out: Path, dirs: dict[str, Path] = NEGATIVE_MUSIC_DIRS) -> Path:
     """Write out/manifest.csv (absolute path, package, seconds) and return its path."""
-    # Here, not at the top: model.render needs the data extra, and training (which reads
+    # Here, not at the top: coverwatch.model.render needs the data extra, and training (which reads
     # these manifests) must run with the train extra alone.
-    from model.dataset import _csv_text
-    from model.render import write_text_atomic
+    from coverwatch.model.dataset import _csv_text
+    from coverwatch.model.render import write_text_atomic
 
     files = negative_music_files(dirs)
     manifest = Path(out) / "manifest.csv"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamer.audio import BINS_PER_OCTAVE, N_BINS
+from coverwatch.streamer.frontend.audio import BINS_PER_OCTAVE, N_BINS
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import onnxruntime
 
-from streamer.artifacts import MODEL_FILES, ModelInfo, load_model_info, sha256_file, write_model_info
+from coverwatch.streamer.embed.artifacts import MODEL_FILES, ModelInfo, load_model_info, sha256_file, write_model_info
 
 log = logging.getLogger(__name__)
 

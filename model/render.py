@@ -41,7 +41,7 @@ import numpy as np
 import pretty_midi
 import soundfile as sf
 
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

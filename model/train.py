@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.augment import pitch_shift, spec_augment, time_stretch
-from model.features import Track, load_tracks
-from model.losses import cover_loss
-from model.negatives import read_negative_manifest
-from model.network import CoverEncoder, ModelDims
-from model.retrieval_metrics import RetrievalScores, evaluate_similarity
-from streamer.audio import seconds_to_frames
-from streamer.config import TrainConfig
+from coverwatch.model.augment import pitch_shift, spec_augment, time_stretch
+from coverwatch.model.features import Track, load_tracks
+from coverwatch.model.losses import cover_loss
+from coverwatch.model.negatives import read_negative_manifest
+from coverwatch.model.network import CoverEncoder, ModelDims
+from coverwatch.model.retrieval_metrics import RetrievalScores, evaluate_similarity
+from coverwatch.streamer.config import TrainConfig
+from coverwatch.streamer.frontend.audio import seconds_to_frames
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The Essen collections hold many tunes under one title (a ballad type such as "Graf und
 Nonne" was written down in dozens of villages). A shared title is a hint, not proof:
 the same text is often sung to unrelated melodies. So a *variant group* is a set of
-tunes that share a title family (`model.render.title_family`) and whose melodies match:
+tunes that share a title family (`coverwatch.model.render.title_family`) and whose melodies match:
 
 1. each melody becomes its interval sequence (`melody_intervals`: repeated pitches
    merged, so re-struck notes and rhythm splits do not count, then semitone steps
@@ -23,7 +23,7 @@ under unrelated titles are not searched for.
 Held-out split: a title family is held out when `_unit_hash("variant-heldout", family)
 < HELDOUT_FRACTION`, independent of any seed or corpus order, so the set never drifts.
 Held-out groups are for evaluation only; the others are marked usable for training.
-Demo-reserved families (`model.dataset.is_demo_family`) are left out entirely.
+Demo-reserved families (`coverwatch.model.dataset.is_demo_family`) are left out entirely.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from model.dataset import (
+from coverwatch.model.dataset import (
     MANIFEST_COLUMNS,
     Row,
     _csv_text,
@@ -53,7 +53,7 @@ from model.dataset import (
     read_manifest,
     render_missing,
 )
-from model.render import (
+from coverwatch.model.render import (
     DEFAULT_COLLECTIONS,
     HELD_OUT_SOUNDFONT,
     TRAIN_SOUNDFONT,

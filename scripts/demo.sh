@@ -13,7 +13,14 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends fluidsynth musescore-general-soundfont libsndfile1 libportaudio2 \
     espeak-ng asc-music hyperrogue-music drascula-music >/dev/null
 
+# A virtual environment (VENV, default .venv in the checkout): works where pip refuses
+# system-wide installs (PEP 668). Debian's python3-venv provides venv for the system Python.
+VENV="${VENV:-.venv}"
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+fi
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # The daemon itself needs no torch; the data extra adds music21 + pretty_midi for rendering the demo.
-python3 -m pip install -q -e '.[data]'
+"$VENV/bin/python" -m pip install -q -e '.[data]'
 
-coverwatch --config config.toml demo "$@"
+"$VENV/bin/coverwatch" --config config.toml demo "$@"

@@ -55,7 +55,7 @@ class StreamConfig:
     silence_dbfs: float = _f(-55.0, -120.0, 0.0)  # windows quieter than this (RMS) are not embedded
     top_k: int = _f(20, 1, 1000)  # neighbours fetched per window
     max_pending_windows: int = _f(256, 1, 100000)  # due windows that force an encoder pass mid-batch (bounds memory)
-    # Alignment check (streamer/alignment.py): each hop, the align_candidates best songs by
+    # Alignment check (streamer/decide/alignment.py): each hop, the align_candidates best songs by
     # embedding score gain align_weight x the fraction of the last align_window_s of audio
     # whose chroma follows theirs in order (key- and tempo-invariant). Part of the score, so
     # a stream calibration records these and is measured with them.
@@ -140,7 +140,7 @@ class ServiceConfig:
     drain_timeout_s: float = _f(20.0, 0.1, 600.0)  # SIGTERM: finish in-flight work, flush, commit within this
 
 
-# FAISS index types `index build` accepts; index_builder/index_types.py builds them
+# FAISS index types `index build` accepts; streamer/search/index_types.py builds them
 INDEX_TYPE_CHOICES = ("auto", "flat", "hnsw", "ivf", "ivf_sq8", "ivf_pq", "opq_ivf_pq")
 
 
@@ -149,7 +149,7 @@ class IndexBuildConfig:
     segment_s: float = _f(20.0, 3.0, 600.0)  # reference segment length
     segment_hop_s: float = _f(10.0, 1.0, 600.0)  # hop between reference segments
     whole_track: bool = _f(True)  # also index each whole track
-    index_type: str = _f("auto", choices=INDEX_TYPE_CHOICES)  # auto = chosen by catalog size (index_builder/index_types.py)
+    index_type: str = _f("auto", choices=INDEX_TYPE_CHOICES)  # auto = chosen by catalog size (streamer/search/index_types.py)
     impostor_quantile: float = _f(0.999, 0.5, 1.0)  # calibration: quantile of non-matching scores
     target_false_alarms_per_day: float = _f(1.0, 1e-6, 1e4)  # `coverwatch calibrate`: start threshold for this rate
     calibration_block_s: float = _f(60.0, 5.0, 3600.0)  # calibration: score maxima are fitted per block of this length
@@ -354,8 +354,16 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def replace_section(cfg: Config, section: str, **changes: Any) -> Config:
-    """A copy of `cfg` with fields of one section replaced (for command-line overrides)."""
+    """A copy of `cfg` with fields of one section replaced (trusted callers: values are not checked)."""
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
 
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config", "replace_section"]
+def override(cfg: Config, section: str, source: str = "command line", **changes: Any) -> Config:
+    """A copy of `cfg` with fields of one section replaced by user input (command-line options),
+    validated exactly as the config file's keys are: one ConfigError naming `section.key`."""
+    table = dataclasses.asdict(cfg)
+    table[section] = {**table[section], **changes}
+    return parse_config(table, source)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "override", "parse_config", "replace_section"]

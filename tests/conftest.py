@@ -15,7 +15,7 @@ import pytest
 import soundfile
 from hypothesis import HealthCheck, settings
 
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
 # Fuzz tests (tests/test_fuzz.py): "ci" keeps the suite bounded and is the default; a deep
 # run is `HYPOTHESIS_PROFILE=deep python3 -m pytest tests/test_fuzz.py`. No deadline: the
@@ -28,7 +28,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
-    from model.network import CoverEncoder, ModelDims
+    from coverwatch.model.network import CoverEncoder, ModelDims
 
     torch.manual_seed(0)
     dims = ModelDims(stem_channels=8, d_model=32, n_heads=2, n_layers=1, d_ff=64, embedding_dim=64, n_classes=3)
@@ -43,7 +43,7 @@ def random_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_model_dir(random_checkpoint, tmp_path_factory) -> Path:
-    from model.export import export_model
+    from coverwatch.model.export import export_model
 
     out = tmp_path_factory.mktemp("model")
     export_model(random_checkpoint, out)
@@ -108,8 +108,8 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def coverwatch(*args: object, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the real command line (`python -m streamer ...`) in a subprocess."""
-    proc = subprocess.run([sys.executable, "-m", "streamer", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    """Run the real command line (`python -m coverwatch ...`) in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "coverwatch", *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr}")
     return proc

@@ -15,7 +15,7 @@ import numpy as np
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.wire import encode_chunk
+from coverwatch.streamer.sources.wire import encode_chunk
 from tests.broker import free_port
 
 
@@ -66,7 +66,7 @@ class Daemon:
     def __init__(self, tmp_path: Path, name: str, config: Path, model_dir: Path, index_dir: Path, env: dict | None = None) -> None:
         self.name, self.config = name, config
         self.stdout_path, self.stderr_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        self.args = [sys.executable, "-m", "streamer", "--config", str(config), "serve", "--source", "kafka",
+        self.args = [sys.executable, "-m", "coverwatch", "--config", str(config), "serve", "--source", "kafka",
                      "--model", str(model_dir), "--index", str(index_dir)]  # fmt: skip
         self.env = {**os.environ, **(env or {})}
         self.port = int(next(line.split("=")[1] for line in config.read_text().splitlines() if line.startswith("port")))

@@ -1,13 +1,23 @@
-"""The alignment check (streamer/alignment.py) on hand-made sequences, and through the index."""
+"""The alignment check (streamer/decide/alignment.py) on hand-made sequences, and through the index."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from streamer.alignment import LOG_FLOOR, POOL_FRAMES, alignment_score, chroma, cross_recurrence, delay_embed, fuse_scores, key_shift, qmax
-from streamer.audio import N_BINS
-from streamer.config import StreamConfig
+from coverwatch.streamer.config import StreamConfig
+from coverwatch.streamer.decide.alignment import (
+    LOG_FLOOR,
+    POOL_FRAMES,
+    alignment_score,
+    chroma,
+    cross_recurrence,
+    delay_embed,
+    fuse_scores,
+    key_shift,
+    qmax,
+)
+from coverwatch.streamer.frontend.audio import N_BINS
 
 DELAY, NEIGHBOURS = 3, 0.1
 
@@ -95,5 +105,5 @@ def test_fuse_scores_raises_only_the_best_candidates():
 
 def test_log_floor_matches_the_front_end():
     """chroma() undoes the front end's log(magnitude + floor); the two floors must agree."""
-    frontend = pytest.importorskip("model.frontend")  # needs torch (the train extra)
+    frontend = pytest.importorskip("coverwatch.model.frontend")  # needs torch (the train extra)
     assert frontend.LOG_FLOOR == LOG_FLOOR

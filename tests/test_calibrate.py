@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from index_builder.calibrate import (
+from coverwatch.index_builder.calibrate import needs_recalibration
+from coverwatch.streamer.config import DecisionConfig, StreamConfig
+from coverwatch.streamer.decide.calibration import (
     ALIGNMENT_KEYS,
     SECONDS_PER_DAY,
     Gumbel,
@@ -19,15 +21,13 @@ from index_builder.calibrate import (
     false_alarms_per_day,
     fit_gumbel,
     leaders,
-    needs_recalibration,
     p_value,
     run_statistic,
     settings_drift,
     thresholds_for_rate,
 )
-from streamer.audio import SAMPLE_RATE
-from streamer.config import DecisionConfig, StreamConfig
-from streamer.pipeline import resolve_thresholds
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.service.pipeline import resolve_thresholds
 from tests.conftest import coverwatch, melody, tune
 
 
@@ -199,13 +199,13 @@ def test_calibrate_cli_stores_thresholds_and_index_add_recalibrates(index_dir, r
 
 def test_calibration_gates_silence_as_the_daemon_does(index_dir, random_model_dir):
     """A tune, then a DC offset of 0.3 with -80 dBFS noise: the daemon embeds no window of the
-    DC part, and the calibration's hop scores (index_builder.calibrate.hop_scores) skip the
+    DC part, and the calibration's hop scores (coverwatch.index_builder.calibrate.hop_scores) skip the
     same hops; both measure a hop's energy about its mean."""
-    from index_builder.calibrate import hop_scores
-    from index_builder.store import load_index
-    from streamer.config import StreamConfig
-    from streamer.embedder import Embedder
-    from streamer.pipeline import Monitor
+    from coverwatch.index_builder.calibrate import hop_scores
+    from coverwatch.streamer.config import StreamConfig
+    from coverwatch.streamer.embed.embedder import Embedder
+    from coverwatch.streamer.search.store import load_index
+    from coverwatch.streamer.service.pipeline import Monitor
 
     cfg = StreamConfig(windows_s=[10.0], hop_s=2.5)
     dc = 0.3 + 1e-4 * np.random.default_rng(0).standard_normal(30 * SAMPLE_RATE)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 from tests.conftest import coverwatch, melody
 
 
@@ -99,7 +99,7 @@ def test_bad_config_exits_2_and_names_the_key(tmp_path):
 def test_index_from_other_model_refused_by_serve(index_dir, tmp_path, random_checkpoint):
     import torch
 
-    from model.export import export_model
+    from coverwatch.model.export import export_model
 
     checkpoint = torch.load(random_checkpoint, weights_only=False)
     for value in checkpoint["model"].values():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.config import Config, ConfigError, load_config, parse_config
+from coverwatch.streamer.config import Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for model.render and model.dataset: tiny builds (3 groups x 2 versions of <= 6 s)."""
+"""Tests for coverwatch.model.render and coverwatch.model.dataset: tiny builds (3 groups x 2 versions of <= 6 s)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ pytest.importorskip("pretty_midi")
 
 import soundfile as sf
 
-from model import render
-from model.dataset import (
+from coverwatch.model import render
+from coverwatch.model.dataset import (
     MANIFEST_COLUMNS,
     _family_heads,
     build_cover_dataset,
@@ -24,7 +24,7 @@ from model.dataset import (
     read_manifest,
     split_of,
 )
-from model.render import (
+from coverwatch.model.render import (
     HELD_OUT_SOUNDFONT,
     TRAIN_SOUNDFONT,
     ReservedDataError,
@@ -34,7 +34,7 @@ from model.render import (
     random_arrangement,
     scan_corpus,
 )
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
 needs_fluidsynth = pytest.mark.skipif(shutil.which("fluidsynth") is None, reason="needs the fluidsynth CLI (Debian package)")
 

@@ -1,6 +1,6 @@
 import pytest
 
-from streamer.decision import Hysteresis
+from coverwatch.streamer.decide.hysteresis import Hysteresis
 
 
 def run(scores_per_hop, **kw):

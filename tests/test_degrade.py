@@ -1,4 +1,4 @@
-"""Tests for model.degrade: each degradation is seeded, finite, length-preserving and audible,
+"""Tests for coverwatch.model.degrade: each degradation is seeded, finite, length-preserving and audible,
 and the dataset builder's degradation option leaves clean builds as they were."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("scipy")
 
-from model.degrade import DEGRADATIONS, degrade, parse_chain, random_chain
-from streamer.audio import SAMPLE_RATE
+from coverwatch.model.degrade import DEGRADATIONS, degrade, parse_chain, random_chain
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
 SECONDS = 4.0
 
@@ -58,7 +58,7 @@ def test_chain_order_and_names(music: np.ndarray) -> None:
 def test_dataset_option(tmp_path: Path) -> None:
     """degrade_fraction=1 writes degraded files beside, never over, the clean build's files."""
     pytest.importorskip("music21")
-    from model.dataset import MANIFEST_COLUMNS, build_cover_dataset
+    from coverwatch.model.dataset import MANIFEST_COLUMNS, build_cover_dataset
 
     size = {"n_groups": 1, "versions_per_group": 1, "seed": 2, "max_seconds": 2.0, "collections": ("essenFolksong",)}
     clean = build_cover_dataset(tmp_path, **size)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import soundfile
 
-from model.evaluate import EXCERPT_SECONDS, evaluate_heldout
-from streamer.audio import SAMPLE_RATE
+from coverwatch.model.evaluate import EXCERPT_SECONDS, evaluate_heldout
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 from tests.conftest import tune
 
 

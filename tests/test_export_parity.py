@@ -15,10 +15,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model.export import load_checkpoint  # noqa: E402
-from model.frontend import CqtFrontEnd  # noqa: E402
-from streamer.artifacts import ArtifactError, load_model_info  # noqa: E402
-from streamer.embedder import Embedder  # noqa: E402
+from coverwatch.model.export import load_checkpoint  # noqa: E402
+from coverwatch.model.frontend import CqtFrontEnd  # noqa: E402
+from coverwatch.streamer.embed.artifacts import ArtifactError, load_model_info  # noqa: E402
+from coverwatch.streamer.embed.embedder import Embedder  # noqa: E402
 from tests.conftest import melody, relative_magnitude_error  # noqa: E402
 
 CQT_TOL = 1e-5

@@ -21,12 +21,13 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
-from streamer.audio import SAMPLE_RATE
-from streamer.events import MatchEvent, make_event_id
-from streamer.sinks import FanOut, FileSink
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.sinks.events import MatchEvent, make_event_id
+from coverwatch.streamer.sinks.local import FanOut, FileSink
 from tests.broker import read_messages
 from tests.conftest import coverwatch, melody
 from tests.daemon import Daemon, free_port, send_stream, wait_for, write_config
@@ -168,7 +169,10 @@ def test_stalled_broker_holds_back_events_without_memory_growth(kafka_broker, ma
     config = write_config(
         tmp_path / "d.toml", kafka_broker.bootstrap, topic, f"{topic}.events", f"g-{uuid.uuid4().hex[:8]}", free_port(), EAGER_DECISION
     )
-    audio = melody(2, 120.0)
+    # 30 s of silence first: the first event falls due well after the broker is paused, even
+    # when the daemon works through its prefetched chunks faster than the test can pause it
+    # (an event delivered before the pause would leave nothing to hold back).
+    audio = np.concatenate([np.zeros(30 * SAMPLE_RATE, np.float32), melody(2, 90.0)])
     with Daemon(tmp_path, "d", config, random_model_dir, index_dir) as daemon:
         send_stream(kafka_broker.bootstrap, topic, "s", audio, SAMPLE_RATE, CHUNK_S)
         wait_for(lambda: daemon.chunks() >= 1, 60, "no chunk processed", daemon)

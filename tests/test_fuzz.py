@@ -33,13 +33,13 @@ import soundfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index_builder.refs import RefsError, read_refs_csv
-from streamer.audio import SAMPLE_RATE, AudioError
-from streamer.config import Config, ConfigError, load_config, parse_config
-from streamer.decode import MAX_ABS_SAMPLE, iter_audio_blocks, load_audio
-from streamer.events import MatchEvent, make_event_id
-from streamer.sinks import FanOut, FileSink, StdoutSink
-from streamer.wire import (
+from coverwatch.index_builder.refs import RefsError, read_refs_csv
+from coverwatch.streamer.config import Config, ConfigError, load_config, parse_config
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE, AudioError
+from coverwatch.streamer.frontend.decode import MAX_ABS_SAMPLE, iter_audio_blocks, load_audio
+from coverwatch.streamer.sinks.events import MatchEvent, make_event_id
+from coverwatch.streamer.sinks.local import FanOut, FileSink, StdoutSink
+from coverwatch.streamer.sources.wire import (
     MAX_CHANNELS,
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
@@ -583,11 +583,11 @@ def hostile_messages(seed: int = 0, n_random: int = 24) -> list[tuple[bytes | No
 @pytest.fixture(scope="module")
 def shipped_index(scratch) -> Path:
     """An index of three tunes built with the shipped model (thresholds from its calibration)."""
-    from index_builder.build import build_index
-    from index_builder.refs import read_refs
-    from streamer.artifacts import DEFAULT_MODEL_DIR
-    from streamer.config import IndexBuildConfig
-    from streamer.embedder import Embedder
+    from coverwatch.index_builder.build import build_index
+    from coverwatch.index_builder.refs import read_refs
+    from coverwatch.streamer.config import IndexBuildConfig
+    from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
+    from coverwatch.streamer.embed.embedder import Embedder
 
     folder = scratch / "shipped"
     folder.mkdir()
@@ -623,7 +623,7 @@ CHECKPOINT_JSON = st.recursive(
     st.sampled_from(HOSTILE_CHECKPOINTS),
 ))  # fmt: skip
 def test_checkpoint_records(raw):
-    from streamer.checkpoints import parse_checkpoint
+    from coverwatch.streamer.service.checkpoints import parse_checkpoint
 
     checkpoint = parse_checkpoint(raw)
     if checkpoint is not None:
@@ -634,8 +634,8 @@ def test_checkpoint_records(raw):
 def test_hostile_kafka_messages_are_counted_and_the_daemon_goes_on(kafka_broker, make_topic, shipped_index, tmp_path):
     from kafka import KafkaProducer, TopicPartition
 
-    from streamer.artifacts import DEFAULT_MODEL_DIR
-    from streamer.checkpoints import checkpoint_key
+    from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
+    from coverwatch.streamer.service.checkpoints import checkpoint_key
     from tests.broker import read_messages
     from tests.daemon import Daemon, free_port, send_stream, wait_for, write_config
 
@@ -712,8 +712,8 @@ def test_stdout_that_is_not_utf8_gets_ascii_escaped_events():
     """LANG=C or an ASCII pipe: the event is written with \\u escapes (the same JSON), not lost."""
     import io
 
-    from streamer.events import MatchEvent
-    from streamer.sinks import StdoutSink
+    from coverwatch.streamer.sinks.events import MatchEvent
+    from coverwatch.streamer.sinks.local import StdoutSink
 
     event = MatchEvent("match_start", "id", "radio-\u00e9", "s1", "Caf\u00e9 \u2615 \ud800", 0.5, 1.0, 1.0, "t")
     raw = io.BytesIO()

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from index_builder.build import build_index
-from index_builder.refs import read_refs
-from streamer.artifacts import DEFAULT_MODEL_DIR
-from streamer.audio import N_BINS, SAMPLE_RATE
-from streamer.config import DecisionConfig, IndexBuildConfig, StreamConfig
-from streamer.embedder import Embedder
-from streamer.events import MatchEvent, make_event_id
-from streamer.pipeline import ChunkError, Monitor
+from coverwatch.index_builder.build import build_index
+from coverwatch.index_builder.refs import read_refs
+from coverwatch.streamer.config import DecisionConfig, IndexBuildConfig, StreamConfig
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import N_BINS, SAMPLE_RATE
+from coverwatch.streamer.service.pipeline import ChunkError, Monitor
+from coverwatch.streamer.sinks.events import MatchEvent, make_event_id
 from tests.conftest import tune
 
 STREAM = StreamConfig(windows_s=[5.0, 10.0], hop_s=2.5)

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import soundfile
 
-from index_builder.build import add_to_index, build_index, index_info, segment_spans
-from index_builder.refs import RefsError, read_refs
-from index_builder.store import MANIFEST, VECTOR_TABLE_DTYPE, load_index
-from streamer.artifacts import ArtifactError, canonical_sha256, sha256_file
-from streamer.audio import SAMPLE_RATE, AudioError
-from streamer.alignment import chroma
-from streamer.config import IndexBuildConfig, StreamConfig
-from streamer.decode import load_audio
-from streamer.embedder import Embedder
+from coverwatch.index_builder.build import add_to_index, build_index, index_info
+from coverwatch.index_builder.refs import RefsError, read_refs
+from coverwatch.streamer.config import IndexBuildConfig, StreamConfig
+from coverwatch.streamer.decide.alignment import chroma
+from coverwatch.streamer.embed.artifacts import ArtifactError, canonical_sha256, sha256_file
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE, AudioError
+from coverwatch.streamer.frontend.decode import load_audio
+from coverwatch.streamer.search.segments import segment_spans
+from coverwatch.streamer.search.store import MANIFEST, VECTOR_TABLE_DTYPE, load_index
 from tests.conftest import melody
 
 

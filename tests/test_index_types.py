@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from index_builder.build import add_to_index
-from index_builder.index_types import (
+from coverwatch.index_builder.build import add_to_index
+from coverwatch.index_builder.refs import read_refs
+from coverwatch.streamer.config import INDEX_TYPE_CHOICES, IndexBuildConfig
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.search.index_types import (
     AUTO_FLAT_MAX_VECTORS,
     AUTO_HNSW_MAX_VECTORS,
     INDEX_TYPES,
@@ -18,11 +22,7 @@ from index_builder.index_types import (
     spec_for,
     training_sample,
 )
-from index_builder.refs import read_refs
-from index_builder.store import load_index, read_manifest
-from streamer.audio import SAMPLE_RATE
-from streamer.config import INDEX_TYPE_CHOICES, IndexBuildConfig
-from streamer.embedder import Embedder
+from coverwatch.streamer.search.store import load_index, read_manifest
 from tests.conftest import coverwatch, melody
 
 DIM = 64  # a multiple of 8, so PQ gets 8 sub-quantisers

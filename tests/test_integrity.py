@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from index_builder.store import MANIFEST, load_index, read_manifest
-from streamer.artifacts import MODEL_FILES, ArtifactError, load_model_info
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.embed.artifacts import MODEL_FILES, ArtifactError, load_model_info
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.search.store import MANIFEST, load_index, read_manifest
 from tests.conftest import coverwatch, melody
 from tests.daemon import Daemon, free_port, send_stream, wait_for, write_config
 
@@ -224,7 +224,7 @@ def test_index_build_killed_mid_write_leaves_old_or_new_index(random_model_dir, 
         "manifest temp file": lambda d: MANIFEST + ".tmp" in _names(d),
         "new manifest": new_manifest,
     }
-    args = [sys.executable, "-m", "streamer", "index", "build", "--model", str(random_model_dir), "--refs", str(refs4), "--out"]
+    args = [sys.executable, "-m", "coverwatch", "index", "build", "--model", str(random_model_dir), "--refs", str(refs4), "--out"]
     outcomes = {}
     for point, seen in kill_points.items():
         work = tmp_path / f"kill-{point.replace(' ', '-')}"

@@ -22,12 +22,12 @@ import pytest
 import soundfile
 from kafka import KafkaProducer, TopicPartition
 
-from index_builder.store import load_index
-from streamer.artifacts import resolve_model_dir
-from streamer.audio import SAMPLE_RATE
-from streamer.checkpoints import CheckpointTopic
-from streamer.config import KafkaConfig
-from streamer.embedder import Embedder
+from coverwatch.streamer.config import KafkaConfig
+from coverwatch.streamer.embed.artifacts import resolve_model_dir
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.search.store import load_index
+from coverwatch.streamer.service.checkpoints import CheckpointTopic
 from tests.broker import MotoS3, TansuBroker, read_messages, unique_topic
 from tests.conftest import coverwatch, tune
 from tests.daemon import Daemon, free_port, send_stream, wait_for, write_config

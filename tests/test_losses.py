@@ -2,9 +2,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model.losses import batch_all_triplet, batch_hard_triplet, cover_loss  # noqa: E402
-from model.train import get_lr  # noqa: E402
-from streamer.config import TrainConfig  # noqa: E402
+from coverwatch.model.losses import batch_all_triplet, batch_hard_triplet, cover_loss  # noqa: E402
+from coverwatch.model.train import get_lr  # noqa: E402
+from coverwatch.streamer.config import TrainConfig  # noqa: E402
 
 
 def test_triplet_zero_when_groups_are_well_separated():
@@ -51,7 +51,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_outside_hinge_pushes_only_the_out_of_catalog_maximum_above_the_ceiling():
-    from model.losses import outside_similarity_hinge
+    from coverwatch.model.losses import outside_similarity_hinge
 
     # covers at 0 and 90 degrees; outside crop -1 at cosine 0.8 to the first, -2 orthogonal to both
     emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.8, 0.0, 0.6], [0.0, 0.0, 1.0]], requires_grad=True)
@@ -82,7 +82,7 @@ def test_out_of_catalog_rows_are_negatives_of_every_group_and_never_classified()
 
 
 def test_outside_hinge_also_sees_the_bank_of_earlier_covers():
-    from model.losses import outside_similarity_hinge
+    from coverwatch.model.losses import outside_similarity_hinge
 
     emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
     labels = torch.tensor([0, -1])  # the outside row is orthogonal to this batch's only cover

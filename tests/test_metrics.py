@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from model.retrieval_metrics import average_precision, evaluate_similarity, rank_of_first_relevant
-from streamer.scoring import Play, score_stream
+from coverwatch.evaluation.scoring import Play, score_stream
+from coverwatch.model.retrieval_metrics import average_precision, evaluate_similarity, rank_of_first_relevant
 
 
 def test_average_precision_hand_computed():

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamer.config import Config, IndexBuildConfig, MicConfig, replace_section
-from streamer.sources import MicSource
+from coverwatch.streamer.config import Config, IndexBuildConfig, MicConfig, replace_section
+from coverwatch.streamer.sources.local import MicSource
 
 JACK_RATE = 22050  # the daemon's own rate, so PortAudio opens the streams without resampling
 JACK_PERIOD = 1024
@@ -332,10 +332,10 @@ def test_daemon_serves_the_jack_microphone(jack: JackServer, random_model_dir: P
     is resampled, analysed and embedded (non-silent windows reach decisions); stopping the
     source drains the daemon to ExitCode.OK. run() is called on the main thread because it
     installs signal handlers; a helper thread wires the player in and stops the source."""
-    from index_builder.build import build_index
-    from index_builder.refs import read_refs
-    from streamer.daemon import ExitCode, Server
-    from streamer.embedder import Embedder
+    from coverwatch.index_builder.build import build_index
+    from coverwatch.index_builder.refs import read_refs
+    from coverwatch.streamer.embed.embedder import Embedder
+    from coverwatch.streamer.service.daemon import ExitCode, Server
     from tests.conftest import melody
 
     index_dir = tmp_path / "index"

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-from index_builder.build import build_index
-from index_builder.refs import read_refs
-from index_builder.store import load_index
-from streamer.artifacts import DEFAULT_MODEL_DIR
-from streamer.audio import SAMPLE_RATE
-from streamer.config import DecisionConfig, IndexBuildConfig, StreamConfig
-from streamer.embedder import Embedder
-from streamer.pipeline import ChunkError, Monitor, resolve_thresholds
+from coverwatch.index_builder.build import build_index
+from coverwatch.index_builder.refs import read_refs
+from coverwatch.streamer.config import DecisionConfig, IndexBuildConfig, StreamConfig
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.search.store import load_index
+from coverwatch.streamer.service.pipeline import ChunkError, Monitor, resolve_thresholds
 from tests.conftest import melody
 
 FIXED = DecisionConfig(start_threshold=0.5, end_threshold=0.4, start_hops=1, end_hops=1)

@@ -1,4 +1,4 @@
-"""`coverwatch publish` (streamer/publish.py) against a real Kafka-compatible broker (Tansu)."""
+"""`coverwatch publish` (streamer/sources/publish.py) against a real Kafka-compatible broker (Tansu)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from streamer.config import KafkaConfig, MicConfig
-from streamer.kafka_sink import producer_settings
-from streamer.publish import PublishError, publish
-from streamer.sources import MicSource, parse_source
-from streamer.wire import AudioChunk, decode_chunk
+from coverwatch.streamer.config import KafkaConfig, MicConfig
+from coverwatch.streamer.kafka_client import producer_settings
+from coverwatch.streamer.sources.local import MicSource, parse_source
+from coverwatch.streamer.sources.publish import PublishError, publish
+from coverwatch.streamer.sources.wire import AudioChunk, decode_chunk
 from tests.broker import free_port, read_messages
 from tests.conftest import coverwatch
 

@@ -18,10 +18,10 @@ import sys
 import numpy as np
 import pytest
 
-from model.quantize import quantize_model
-from streamer.artifacts import DEFAULT_MODEL_DIR, ArtifactError, load_model_info
-from streamer.audio import seconds_to_frames
-from streamer.embedder import Embedder
+from coverwatch.model.quantize import quantize_model
+from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR, ArtifactError, load_model_info
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import seconds_to_frames
 from tests.conftest import coverwatch, tune
 
 MIN_COSINE = 0.999
@@ -95,7 +95,7 @@ def test_cli_quantize_runs_without_torch(tmp_path):
     blocked = (
         "import sys, runpy; sys.modules['torch'] = None; "
         f"sys.argv = ['coverwatch', 'quantize', {str(DEFAULT_MODEL_DIR)!r}, {str(out)!r}, '--mode', 'int8']; "
-        "runpy.run_module('streamer', run_name='__main__')"
+        "runpy.run_module('coverwatch', run_name='__main__')"
     )
     proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr

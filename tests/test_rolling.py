@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from streamer.audio import HOP_LENGTH
-from streamer.decode import StreamResampler
-from streamer.embedder import Embedder
-from streamer.rolling import FrameRing, IncrementalCqt
+from coverwatch.streamer.embed.embedder import Embedder
+from coverwatch.streamer.frontend.audio import HOP_LENGTH
+from coverwatch.streamer.frontend.decode import StreamResampler
+from coverwatch.streamer.frontend.rolling import FrameRing, IncrementalCqt
 from tests.conftest import melody, relative_magnitude_error
 
 # Both sides run the same ONNX graph on the same samples; only the span passed per call

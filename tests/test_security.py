@@ -25,18 +25,16 @@ from pathlib import Path
 import pytest
 import soundfile
 
-from streamer.audio import SAMPLE_RATE
-from streamer.config import Config, ConfigError, KafkaConfig, load_config, parse_config
-from streamer.kafka_sink import SecretError, producer_settings, security_settings
+from coverwatch.streamer.config import Config, ConfigError, KafkaConfig, load_config, parse_config
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
+from coverwatch.streamer.kafka_client import SecretError, producer_settings, security_settings
 from tests.conftest import melody
 from tests.daemon import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PACKAGES = ("streamer", "index_builder")
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-TRAINING_MODULES = ("torch", "model")  # allowed only inside the training-side commands of the CLI:
-TRAINING_FUNCTIONS = {"cmd_train", "cmd_export", "cmd_quantize", "cmd_data", "cmd_evaluate", "cmd_simulate"}
-DEMO = Path("streamer/demo.py")  # `coverwatch demo` renders its material with the data extra (model.dataset)
+TRAINING_MODULES = ("torch", "coverwatch.model")  # the runtime imports neither, not even inside a function
 SECRET = "s3cr3t-Pa55-7f1d9c"  # distinctive enough to grep for
 
 
@@ -56,8 +54,8 @@ def _dotted(node: ast.AST) -> str:
     return ""
 
 
-def unsafe_uses(tree: ast.Module, training_imports_allowed: bool = False) -> list[tuple[int, str]]:
-    """(line, what) for every pickle-like import, unsafe load call, or training import outside TRAINING_FUNCTIONS."""
+def unsafe_uses(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, what) for every pickle-like import, unsafe load call, or training import (at any depth)."""
     found = []
 
     def visit(node: ast.AST, function: str | None) -> None:
@@ -69,7 +67,8 @@ def unsafe_uses(tree: ast.Module, training_imports_allowed: bool = False) -> lis
                 root = name.split(".")[0]
                 if root in UNSAFE_MODULES:
                     found.append((node.lineno, f"import {name}"))
-                if root in TRAINING_MODULES and function not in TRAINING_FUNCTIONS and not training_imports_allowed:
+                training = any(name == m or name.startswith(m + ".") for m in TRAINING_MODULES)
+                if training:
                     found.append((node.lineno, f"import {name} in {function or 'module scope'}"))
         if isinstance(node, ast.Call):
             called = _dotted(node.func)
@@ -97,10 +96,9 @@ def test_the_scan_finds_what_it_looks_for():
         import torch
         from joblib import load
         def cmd_train():
-            import torch
             torch.load("x.pt")
         def helper():
-            from model.train import train
+            from coverwatch.model.train import train
             np.load("a.npy", allow_pickle=True)
             np.load("b.npy", allow_pickle=False)
             eval("1")
@@ -108,14 +106,14 @@ def test_the_scan_finds_what_it_looks_for():
     )
     assert [what for _, what in unsafe_uses(ast.parse(source))] == [
         "import pickle", "import torch in module scope", "import joblib", "torch.load()",
-        "import model.train in helper", "np.load(allow_pickle=...)", "eval()",
+        "import coverwatch.model.train in helper", "np.load(allow_pickle=...)", "eval()",
     ]  # fmt: skip
 
 
 def test_runtime_modules_never_unpickle_or_import_torch():
     problems = []
     for path in runtime_sources():
-        uses = unsafe_uses(ast.parse(path.read_text(), str(path)), training_imports_allowed=path.relative_to(ROOT) == DEMO)
+        uses = unsafe_uses(ast.parse(path.read_text(), str(path)))
         problems += [f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in uses]
     assert len(runtime_sources()) > 20
     assert not problems, "\n".join(problems)
@@ -136,7 +134,7 @@ def test_serve_runs_without_importing_torch(random_model_dir, index_dir, tmp_pat
         "--metrics-port",
         "0",
     ]
-    program = f"import sys; from streamer.cli import main; code = main({argv!r}); print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr); sys.exit(code)"
+    program = f"import sys; from coverwatch.cli import main; code = main({argv!r}); print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr); sys.exit(code)"
     proc = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "NO-TORCH"
@@ -146,7 +144,7 @@ def test_serve_runs_without_importing_torch(random_model_dir, index_dir, tmp_pat
 def test_metrics_bind_to_localhost_by_default_and_to_the_configured_address():
     assert Config().metrics.address == "127.0.0.1"
     assert load_config(ROOT / "config.toml").metrics.address == "127.0.0.1"
-    from streamer.metrics import Metrics
+    from coverwatch.streamer.service.metrics import Metrics
 
     server = Metrics().serve("127.0.0.1", free_port())
     try:
@@ -223,7 +221,7 @@ sasl_password_file = "{tmp_path / "password"}"
         security_settings(by_env)
     assert security_settings(KafkaConfig()) == {"security_protocol": "PLAINTEXT"}
     # Every client of the runtime takes its security settings from that one function.
-    for module in ("kafka_source", "checkpoints", "kafka_sink", "publish"):
+    for module in ("sources/kafka", "service/checkpoints", "sinks/kafka", "sources/publish"):
         source = (ROOT / "streamer" / f"{module}.py").read_text()
         assert "security_settings(" in source or "producer_settings(" in source, module
 
@@ -247,7 +245,7 @@ port = 0
 drain_timeout_s = 2.0
 """
     )
-    args = [sys.executable, "-m", "streamer", "--config", str(config), "--log-level", "DEBUG", "serve", "--source", "kafka",
+    args = [sys.executable, "-m", "coverwatch", "--config", str(config), "--log-level", "DEBUG", "serve", "--source", "kafka",
             "--model", str(random_model_dir), "--index", str(index_dir)]  # fmt: skip
     err_path, out_path = tmp_path / "err", tmp_path / "out"
     with err_path.open("w") as err, out_path.open("w") as out:

@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from streamer.audio import SAMPLE_RATE
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
-simulate = pytest.importorskip("model.simulate", reason="the simulator needs the data extra")
-from model.simulate import (
-    CODECS,
-    MIN_OUTSIDE_SHARE,
-    Piece,
-    _plan,
-    codec_roundtrip,
-    compress,
-    for_calibration,
-    mix,
-    noise,
-    rms_dbfs,
-)
+simulate = pytest.importorskip("coverwatch.evaluation.simulate", reason="the simulator needs the data extra")
+from coverwatch.evaluation.simulate import MIN_OUTSIDE_SHARE, Piece, _plan, for_calibration, mix
+from coverwatch.model.effects import CODECS, codec_roundtrip, compress, noise, rms_dbfs
 from tests.conftest import melody
 
 

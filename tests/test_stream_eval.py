@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from streamer.audio import SAMPLE_RATE
-from streamer.stream_eval import (
+from coverwatch.evaluation.stream_eval import (
     GRACE_S,
     PlayResult,
     StreamResult,
@@ -22,6 +21,7 @@ from streamer.stream_eval import (
     summarize,
     write_report,
 )
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 from tests.conftest import coverwatch, melody
 
 
@@ -143,10 +143,10 @@ def test_evaluate_stream_cli_runs_the_daemon_and_replay_matches_it(index_dir, ra
     """A tiny stream (a catalog song's own audio, then unrelated audio) through `coverwatch
     evaluate-stream`; the tuning replay (whole-file hop scores + the daemon's hysteresis)
     must give exactly the daemon's events."""
-    from index_builder.store import load_index
-    from streamer.config import Config
-    from streamer.embedder import Embedder
-    from streamer.stream_eval import replay, stream_trace
+    from coverwatch.evaluation.stream_eval import replay, stream_trace
+    from coverwatch.streamer.config import Config
+    from coverwatch.streamer.embed.embedder import Embedder
+    from coverwatch.streamer.search.store import load_index
 
     song, _ = soundfile.read(tmp_path / "song1.wav", dtype="float32")  # written by the refs_csv fixture
     stream = np.concatenate([song, np.zeros(SAMPLE_RATE, np.float32), melody(99, 25.0)])

@@ -1,5 +1,5 @@
 """The systemd side of the service: the unit passes `systemd-analyze verify` and its security
-review, and streamer.notify speaks sd_notify to real unix datagram sockets."""
+review, and coverwatch.streamer.service.notify speaks sd_notify to real unix datagram sockets."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.notify import SystemdNotifier, monotonic_usec
+from coverwatch.streamer.service.notify import SystemdNotifier, monotonic_usec
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "coverwatch.service"
 SHIPPED_EXEC = "/opt/coverwatch/venv/bin/coverwatch"
@@ -50,7 +50,7 @@ def service_settings(unit_text: str) -> dict[str, list[str]]:
 def coverwatch_command() -> str:
     """The installed entry point, or the interpreter running the package: something that exists."""
     entry_point = shutil.which("coverwatch")
-    return entry_point if entry_point else f"{sys.executable} -m streamer"
+    return entry_point if entry_point else f"{sys.executable} -m coverwatch"
 
 
 # --- the unit ---------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def test_unit_security_exposure_is_low():
 
 
 def test_unit_matches_the_daemons_contract():
-    from streamer.config import ServiceConfig
+    from coverwatch.streamer.config import ServiceConfig
 
     settings = service_settings(UNIT.read_text())
     assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
@@ -206,7 +206,7 @@ def test_without_notify_socket_everything_is_a_no_op():
 def test_missing_socket_is_logged_once_and_never_raised(tmp_path, caplog):
     path = str(tmp_path / "gone.sock")
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "60000000"}
-    with caplog.at_level(logging.DEBUG, logger="streamer.notify"), SystemdNotifier.from_env(env) as notifier:
+    with caplog.at_level(logging.DEBUG, logger="coverwatch.streamer.service.notify"), SystemdNotifier.from_env(env) as notifier:
         assert not notifier.ready()
         assert not notifier.watchdog()
         assert not notifier.stopping()

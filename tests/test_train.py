@@ -7,15 +7,15 @@ import csv
 import dataclasses
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import soundfile
 
 torch = pytest.importorskip("torch")
 
-from model.train import TrainPaths, load_encoder_weights, train  # noqa: E402
-from streamer.audio import SAMPLE_RATE  # noqa: E402
-from streamer.config import TrainConfig  # noqa: E402
+from coverwatch.model.train import TrainPaths, load_encoder_weights, train  # noqa: E402
+from coverwatch.streamer.config import TrainConfig  # noqa: E402
+from coverwatch.streamer.frontend.audio import SAMPLE_RATE  # noqa: E402
 from tests.conftest import melody, write_csv  # noqa: E402
 
 TINY = TrainConfig(
@@ -62,8 +62,8 @@ def test_train_then_fine_tune_from_its_encoder(tmp_path):
 
 
 def test_fine_tune_refuses_a_checkpoint_of_other_dims(tmp_path, random_checkpoint):
-    from model.network import CoverEncoder
-    from model.train import dims_from_config
+    from coverwatch.model.network import CoverEncoder
+    from coverwatch.model.train import dims_from_config
 
     model = CoverEncoder(dims_from_config(TINY, n_classes=7))  # random_checkpoint: embedding_dim 64, d_model 32 ...
     load_encoder_weights(model, random_checkpoint)  # ... same dims but n_classes: fits
@@ -76,8 +76,8 @@ def test_fine_tune_refuses_a_checkpoint_of_other_dims(tmp_path, random_checkpoin
 
 def test_merge_joins_a_variant_group_to_its_cover_group(tmp_path):
     pytest.importorskip("music21")
-    from model.dataset import MANIFEST_COLUMNS, read_manifest
-    from model.variants import merge_training_manifests
+    from coverwatch.model.dataset import MANIFEST_COLUMNS, read_manifest
+    from coverwatch.model.variants import merge_training_manifests
 
     def write(path: Path, rows: list[tuple]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path, caplog):
     train(dataclasses.replace(TINY, steps=2), paths)  # as if stopped after step 2
     stopped = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert stopped["step"] == 2
-    with caplog.at_level("INFO", logger="model.train"):
+    with caplog.at_level("INFO", logger="coverwatch.model.train"):
         result = train(TINY, paths)
     assert "resumed from" in caplog.text and "at step 2" in caplog.text
     assert result["steps"] == 4
@@ -125,7 +125,7 @@ def test_training_resumes_from_its_last_checkpoint(tmp_path, caplog):
 
 
 def test_corrupt_and_silent_files_are_skipped_and_counted(tmp_path):
-    from model.features import load_tracks
+    from coverwatch.model.features import load_tracks
 
     soundfile.write(tmp_path / "good.wav", melody(0, 6.0), SAMPLE_RATE)
     soundfile.write(tmp_path / "silent.wav", np.zeros(6 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
@@ -152,7 +152,7 @@ def _negative_music(folder: Path) -> dict[str, Path]:
 
 
 def test_negative_manifest_lists_long_readable_music_only(tmp_path):
-    from model.negatives import build_negative_manifest, read_negative_manifest
+    from coverwatch.model.negatives import build_negative_manifest, read_negative_manifest
 
     manifest = build_negative_manifest(tmp_path / "negatives", _negative_music(tmp_path / "pkg"))
     assert [p.name for p in read_negative_manifest(manifest)] == ["bursts.ogg", "drone.flac"]
@@ -161,9 +161,9 @@ def test_negative_manifest_lists_long_readable_music_only(tmp_path):
 
 
 def test_training_with_out_of_catalog_negatives(tmp_path):
-    from model.features import load_tracks
-    from model.negatives import build_negative_manifest
-    from model.train import _group_tracks, sample_batch
+    from coverwatch.model.features import load_tracks
+    from coverwatch.model.negatives import build_negative_manifest
+    from coverwatch.model.train import _group_tracks, sample_batch
 
     negatives = build_negative_manifest(tmp_path / "negatives", _negative_music(tmp_path / "pkg"))
     cfg = dataclasses.replace(TINY, outside_per_batch=3, outside_ceiling=-1.0, outside_bank_batches=2)  # every outside crop is pushed

@@ -1,4 +1,4 @@
-"""Tests for model.variants: melody matching on hand-made melodies, the held-out split, and
+"""Tests for coverwatch.model.variants: melody matching on hand-made melodies, the held-out split, and
 that held-out families stay out of a cover-dataset build."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("music21")
 pytest.importorskip("pretty_midi")
 
-from model.dataset import _family_heads, _unit_hash, build_cover_dataset, read_manifest
-from model.render import Tune, title_family
-from model.variants import (
+from coverwatch.model.dataset import _family_heads, _unit_hash, build_cover_dataset, read_manifest
+from coverwatch.model.render import Tune, title_family
+from coverwatch.model.variants import (
     SIMILARITY_THRESHOLD,
     group_tunes,
     is_heldout_family,

@@ -1,11 +1,11 @@
-"""The Kafka wire format of audio chunks (streamer/wire.py): round trips and every refusal reason."""
+"""The Kafka wire format of audio chunks (streamer/sources/wire.py): round trips and every refusal reason."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from streamer.wire import (
+from coverwatch.streamer.sources.wire import (
     MAX_CHANNELS,
     MAX_SAMPLE_RATE,
     MAX_VALUE_BYTES,

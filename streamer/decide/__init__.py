@@ -1,0 +1,1 @@
+"""From search scores to decisions: alignment check, calibration statistics, hysteresis."""

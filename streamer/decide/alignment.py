@@ -1,0 +1,135 @@
+"""Alignment check of embedding candidates: does the live window's pitch-class sequence
+line up, in order, with a candidate reference? (pure numpy, no model)
+
+The embedding says "this sounds like song X"; on short broadcast windows it also says so,
+now and then, about unrelated music that happens to lie near a few catalog songs. A cover
+keeps the melody's succession of pitch classes, transposed and stretched in time; other
+music does not. So each candidate song's score gets a second, independent term: the
+longest locally aligned path between the window's chroma and the reference's chroma, in
+the manner of Serra et al. (2009, "Cross recurrence quantification for cover song
+identification", the Qmax measure):
+
+1. chroma: the log-CQT frames the daemon already holds are turned back into magnitude,
+   folded onto 12 pitch classes and averaged over `POOL_FRAMES` (~0.21 s per step);
+2. key: the query is rolled by the optimal transposition index (the roll that best
+   matches the two global pitch-class profiles);
+3. delay embedding: `align_delay` consecutive steps are stacked, so a step carries a short
+   melodic gesture rather than one chord;
+4. cross recurrence: step i of the query and step j of the reference recur when each is
+   among the other's `align_neighbours` fraction of nearest steps (mutual, cosine);
+5. Qmax: the longest path through recurrences moving by (1,1), (2,1) or (1,2) steps
+   (tempo ratios 1/2..2), with penalties for entering and staying in a gap.
+
+`alignment_score` is Qmax over the query's steps, in [0, 1]: about the fraction of the
+window that follows the reference. A path grows by one per *reference* step, so a query
+played slower than the reference tops out below 1 (~0.83 at 1.2x slower, 0.5 at 2x) while
+a faster one can reach 1; the settings were tuned with this scale. The daemon adds
+`stream.align_weight` times it to the embedding score of each of the
+`stream.align_candidates` best songs (`fuse_scores`), and calibration measures the fused
+score the same way, so thresholds stay in the units the decisions use.
+
+Letters: T CQT frames, F CQT bins, S chroma steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from coverwatch.streamer.config import StreamConfig
+from coverwatch.streamer.frontend.audio import BINS_PER_OCTAVE, FRAME_RATE, seconds_to_frames
+
+LOG_FLOOR = 1e-4  # the front end's floor inside log(magnitude + floor) (model/frontend.py)
+POOL_FRAMES = 9  # CQT frames per chroma step: 9 / FRAME_RATE ~ 0.209 s
+STEP_RATE = FRAME_RATE / POOL_FRAMES  # ~4.79 chroma steps per second
+GAP_ONSET = 5.0  # Qmax penalty for leaving a recurrence (Serra et al. 2009)
+GAP_EXTENSION = 0.5  # Qmax penalty per further step without recurrence
+MIN_STEPS = 8  # shorter sequences (under ~1.7 s) are not aligned: score 0
+
+
+def chroma(frames: np.ndarray) -> np.ndarray:
+    """(T, F) log-CQT frames (F a multiple of 12, lowest bin a C) -> (T // POOL_FRAMES, 12) float32."""
+    n_bins = frames.shape[1]
+    if n_bins % BINS_PER_OCTAVE:
+        raise ValueError(f"chroma needs whole octaves of {BINS_PER_OCTAVE} bins, got {n_bins} bins")
+    usable = len(frames) // POOL_FRAMES * POOL_FRAMES
+    magnitude = np.clip(np.exp(frames[:usable].astype(np.float32)) - LOG_FLOOR, 0.0, None)
+    folded = magnitude.reshape(usable, n_bins // BINS_PER_OCTAVE, BINS_PER_OCTAVE).sum(axis=1)
+    return folded.reshape(-1, POOL_FRAMES, BINS_PER_OCTAVE).mean(axis=1).astype(np.float32)
+
+
+def key_shift(query: np.ndarray, reference: np.ndarray) -> int:
+    """Roll (0..11) of the query's pitch classes whose global profile best matches the reference's."""
+    q, r = query.sum(axis=0), reference.sum(axis=0)
+    q = q / (q.max() + 1e-9)
+    r = r / (r.max() + 1e-9)
+    return int(np.argmax([np.dot(np.roll(q, k), r) for k in range(BINS_PER_OCTAVE)]))
+
+
+def delay_embed(steps: np.ndarray, delay: int) -> np.ndarray:
+    """(S, 12) -> (S - delay + 1, 12 * delay): consecutive steps stacked, rows unit length."""
+    n = len(steps) - delay + 1
+    stacked = np.concatenate([steps[i : i + n] for i in range(delay)], axis=1)
+    return stacked / (np.linalg.norm(stacked, axis=1, keepdims=True) + 1e-9)
+
+
+def cross_recurrence(query: np.ndarray, reference: np.ndarray, neighbours: float) -> np.ndarray:
+    """(Sq, D), (Sr, D) unit rows -> (Sq, Sr) bool: mutual nearest neighbours by cosine."""
+    # einsum, not BLAS: a multi-threaded BLAS spends ~3x longer waking threads than on these small products
+    similarity = np.einsum("id,jd->ij", query, reference)
+    k_row = max(1, int(neighbours * similarity.shape[1]))
+    k_col = max(1, int(neighbours * similarity.shape[0]))
+    row_cut = np.partition(similarity, -k_row, axis=1)[:, -k_row][:, None]
+    col_cut = np.partition(similarity, -k_col, axis=0)[-k_col, :][None, :]
+    return (similarity >= row_cut) & (similarity >= col_cut)
+
+
+def qmax(recurrence: np.ndarray) -> float:
+    """(Sq, Sr) bool cross recurrence -> length of the best local alignment path (Qmax).
+
+    Q[i, j] grows by 1 along recurrences reached from (i-1, j-1), (i-2, j-1) or (i-1, j-2),
+    and off them decays by GAP_ONSET after a recurrence and GAP_EXTENSION after a gap,
+    floored at 0. Row i needs only rows i-1 and i-2, so each row is one vector operation.
+    """
+    n_query, n_ref = recurrence.shape
+    hit = np.zeros((n_query + 2, n_ref + 2), dtype=bool)
+    hit[2:, 2:] = recurrence
+    penalty = np.where(hit, GAP_ONSET, GAP_EXTENSION).astype(np.float32)
+    q = np.zeros((n_query + 2, n_ref + 2), dtype=np.float32)
+    for i in range(2, n_query + 2):
+        diagonal, slow, fast = q[i - 1, 1:-1], q[i - 2, 1:-1], q[i - 1, :-2]
+        on_path = np.maximum(np.maximum(diagonal, slow), fast) + 1.0
+        off_path = np.maximum(
+            np.maximum(diagonal - penalty[i - 1, 1:-1], slow - penalty[i - 2, 1:-1]),
+            np.maximum(fast - penalty[i - 1, :-2], 0.0),
+        )
+        q[i, 2:] = np.where(hit[i, 2:], on_path, off_path)
+    return float(q.max())
+
+
+def alignment_score(query: np.ndarray, reference: np.ndarray, delay: int, neighbours: float) -> float:
+    """(Sq, 12), (Sr, 12) chroma -> Qmax / query steps in [0, 1]; 0 when either is too short or silent."""
+    if min(len(query), len(reference)) < max(MIN_STEPS, delay + 1) or not query.any() or not reference.any():
+        return 0.0
+    rolled = np.roll(query, key_shift(query, reference), axis=1)
+    embedded = delay_embed(rolled, delay)
+    recurrence = cross_recurrence(embedded, delay_embed(reference, delay), neighbours)
+    return min(1.0, qmax(recurrence) / len(embedded))
+
+
+def align_frames(cfg: StreamConfig) -> int:
+    """CQT frames aligned per hop: align_window_s, cut to the longest window (all the ring holds)."""
+    return seconds_to_frames(min(cfg.align_window_s, max(cfg.windows_s)))
+
+
+def fuse_scores(
+    scores: dict[int, float], query: np.ndarray, song_chroma: Callable[[int], np.ndarray], cfg: StreamConfig
+) -> dict[int, float]:
+    """One hop's {song row: embedding score} -> the same with the `align_candidates` best
+    songs raised by align_weight * alignment of `query` ((S, 12) chroma of the last
+    align_window_s of audio) with `song_chroma(row)` ((S', 12)); other songs keep theirs."""
+    fused = dict(scores)
+    for row in sorted(scores, key=scores.__getitem__, reverse=True)[: cfg.align_candidates]:
+        fused[row] = scores[row] + cfg.align_weight * alignment_score(query, song_chroma(row), cfg.align_delay, cfg.align_neighbours)
+    return fused

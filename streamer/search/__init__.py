@@ -1,0 +1,1 @@
+"""The reference index: store (manifest, vector table, FAISS file), FAISS types, search."""

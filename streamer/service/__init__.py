@@ -1,0 +1,1 @@
+"""The daemon around the pipeline: lifecycle, metrics, systemd notify, Kafka checkpoints."""

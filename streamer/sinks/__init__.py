@@ -1,0 +1,1 @@
+"""Where match events go: stdout, a JSON-lines file, a Kafka topic."""
