@@ -169,15 +169,16 @@ def test_stalled_broker_holds_back_events_without_memory_growth(kafka_broker, ma
     config = write_config(
         tmp_path / "d.toml", kafka_broker.bootstrap, topic, f"{topic}.events", f"g-{uuid.uuid4().hex[:8]}", free_port(), EAGER_DECISION
     )
-    # 30 s of silence first: the first event falls due well after the broker is paused, even
-    # when the daemon works through its prefetched chunks faster than the test can pause it
-    # (an event delivered before the pause would leave nothing to hold back).
+    # 30 s of silence first, so the first event falls due after the broker is paused however
+    # fast the daemon works through its prefetched chunks (an event delivered before the
+    # pause would leave nothing to hold back).
     audio = np.concatenate([np.zeros(30 * SAMPLE_RATE, np.float32), melody(2, 90.0)])
     with Daemon(tmp_path, "d", config, random_model_dir, index_dir) as daemon:
         send_stream(kafka_broker.bootstrap, topic, "s", audio, SAMPLE_RATE, CHUNK_S)
         wait_for(lambda: daemon.chunks() >= 1, 60, "no chunk processed", daemon)
         kafka_broker.pause()
         try:
+            wait_for(lambda: daemon.metric("coverwatch_events_pending") >= 1, 90, "no event fell due during the stall", daemon)
             time.sleep(3)  # in-flight requests time out; the loop is now waiting on the broker
             stalled_at, rss_before = daemon.chunks(), rss_mb(daemon.proc.pid)
             samples = []
