@@ -164,7 +164,7 @@ def real_set(covers: Path, n_groups: int, query_s: float, embedder: Embedder) ->
     cfg = IndexBuildConfig(index_type="flat")
     with tempfile.TemporaryDirectory() as tmp:
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        store = build_index(refs, Path(tmp) / "real", embedder, cfg)
+        store, _ = build_index(refs, Path(tmp) / "real", embedder, cfg)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     flat = store.faiss_index.reconstruct_n(0, store.n_vectors)  # a flat index: the exact vectors
     lengths = np.bincount(store.vector_song, minlength=len(refs))

@@ -1,4 +1,4 @@
-"""The `coverwatch` command line: serve, identify, index build|add|info, and the training-side
+"""The `coverwatch` command line: serve, identify, index build|add|remove|info, calibrate, report, and the training-side
 commands (data, train, export, quantize, evaluate, demo) that need the `train`/`data`/`quantize` extras.
 
 Each command returns a named exit code; errors the user can fix print one line naming the
@@ -114,7 +114,7 @@ def cmd_identify(args: argparse.Namespace, cfg: Config) -> ExitCode:
     failed = 0
     for path in args.files:
         try:
-            record = identify_file(embedder, index, Path(path), args.top_k, max(cfg.stream.windows_s))
+            record = identify_file(embedder, index, Path(path), args.top_k, cfg.stream)
         except AudioError as exc:
             failed += 1
             record = {"file": path, "error": str(exc)}
@@ -126,26 +126,35 @@ def cmd_identify(args: argparse.Namespace, cfg: Config) -> ExitCode:
 def _format_matches(record: dict) -> str:
     if "error" in record:
         return f"{record['file']}: ERROR {record['error']}"
-    lines = [f"{record['file']}:"] + [f"  {m['score']:.3f}  {m['song_id']}  {m['title']}" for m in record["matches"]]
+    lines = [f"{record['file']}:"] + [
+        f"  {m['score']:.3f}  {m['song_id']}  {m['title']}" + (f" ({m['metadata']['artist']})" if m["metadata"].get("artist") else "")
+        for m in record["matches"]
+    ]
     return "\n".join(lines)
 
 
 def cmd_index(args: argparse.Namespace, cfg: Config) -> ExitCode:
-    from coverwatch.index_builder.build import add_to_index, build_index, index_info
+    from coverwatch.index_builder.build import add_to_index, build_index, index_info, remove_from_index
 
     if args.index_command == "info":
         print(json.dumps(index_info(_index_dir(args, cfg)), indent=2))
         return ExitCode.OK
-    refs = read_refs(Path(args.refs))
     embedder = _embedder(cfg)
-    if args.index_command == "build":
+    skipped = []
+    if args.index_command == "remove":
+        target = _index_dir(args, cfg)
+        store = remove_from_index(target, args.song_ids, embedder, cfg.index_build, cfg.stream)
+    elif args.index_command == "build":
         build_cfg = cfg.index_build if not args.type else replace_section(cfg, "index_build", index_type=args.type).index_build
-        store = build_index(refs, Path(args.out), embedder, build_cfg, cfg.stream)
-        target = args.out
+        target = Path(args.out)
+        store, skipped = build_index(read_refs(Path(args.refs)), target, embedder, build_cfg, cfg.stream, args.force, args.skip_errors)
     else:
         target = _index_dir(args, cfg)
-        store = add_to_index(target, refs, embedder, cfg.index_build, cfg.stream)
-    print(json.dumps({"index_dir": str(target), "songs": len(store.songs), "vectors": store.n_vectors, "calibration": store.calibration}))
+        store, skipped = add_to_index(target, read_refs(Path(args.refs)), embedder, cfg.index_build, cfg.stream, args.replace, args.skip_errors)
+    summary = {"index_dir": str(target), "songs": len(store.songs), "vectors": store.n_vectors, "calibration": store.calibration}
+    if args.index_command != "remove":
+        summary["skipped"] = [dataclasses.asdict(s) for s in skipped]
+    print(json.dumps(summary))
     return ExitCode.OK
 
 
@@ -259,6 +268,14 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_report(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from coverwatch.report import write_report
+
+    summary = write_report([Path(p) for p in args.events], Path(args.out), title=args.title)
+    print(json.dumps(summary.to_dict()))
+    return ExitCode.OK
+
+
 BENCHMARKS = ("streams", "stream", "model", "index", "store", "kafka", "soak", "separation")
 
 
@@ -343,11 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--refs", required=True, help="refs CSV (song_id,title,path[,metadata...]) or a folder of audio")
     build.add_argument("--out", "--index", dest="out", required=True, metavar="DIR", help="the new index folder")
     build.add_argument("--type", choices=INDEX_TYPE_CHOICES, default=None, help="FAISS index type (default: [index_build] index_type)")
+    build.add_argument("--force", action="store_true", help="replace the index already in --out (refused without this)")
+    build.add_argument("--skip-errors", action="store_true", help="leave out files that cannot be decoded (listed in the output) instead of failing")
     _model_index(build, index=False)
     add = command(index_sub, "add", "add songs to an index (existing vectors untouched)")
     add.add_argument("index_dir", nargs="?", default=None, metavar="INDEX_DIR", help="index folder (or --index, or [index] path)")
     add.add_argument("--refs", required=True, help="refs CSV or a folder of audio with the new songs")
+    add.add_argument("--replace", action="store_true", help="a song_id already indexed is replaced by the new file (upsert) instead of refused")
+    add.add_argument("--skip-errors", action="store_true", help="leave out files that cannot be decoded (listed in the output) instead of failing")
     _model_index(add)
+    remove = command(index_sub, "remove", "remove songs from an index (the others are not re-embedded)")
+    remove.add_argument("song_ids", nargs="+", metavar="SONG_ID", help="song_id(s) to remove, as `index info` / the events name them")
+    remove.add_argument("--from", dest="index_dir", default=None, metavar="INDEX_DIR", help="index folder (or --index, or [index] path)")
+    _model_index(remove)
     info = command(index_sub, "info", "print an index's songs, vectors, thresholds and files")
     info.add_argument("index_dir", nargs="?", default=None, metavar="INDEX_DIR", help="index folder (or --index, or [index] path)")
     info.add_argument("--index", metavar="DIR", help="index folder (overrides [index] path)")
@@ -435,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_stream.add_argument("--no-plots", action="store_true", help="skip the timeline plots")
     evaluate_stream.add_argument("--rescore", action="store_true", help="score the events a previous run left in --out, without running the daemon")
     evaluate_stream.set_defaults(func=cmd_evaluate_stream)
+
+    report = command(sub, "report", "write an as-run log (CSV, and an HTML page with a timeline) from match events")
+    report.add_argument("events", nargs="+", metavar="EVENTS", help="match-event JSON-lines files (a replayed file's duplicates are dropped)")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for as-run.csv and as-run.html")
+    report.add_argument("--title", default="As-run log", help="the page's title")
+    report.set_defaults(func=cmd_report)
 
     bench = command(sub, "bench", "run a benchmark from bench/ (source checkout); results go to bench/RESULTS.md")
     bench.add_argument("name", choices=BENCHMARKS, help="bench/bench_NAME.py")

@@ -71,11 +71,13 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
     what the daemon would score; `coverwatch calibrate` measures the daemon's own.
     The start threshold is their `impostor_quantile` quantile; the end threshold their
     median halfway to it, so a match ends only when the score has fallen well back.
+    Fewer scores than `min_impostor_scores` cannot estimate that quantile (2 songs give a
+    handful): the thresholds are then `fallback_thresholds`, with a warning.
     """
     stream = stream or StreamConfig()
     align = {key: getattr(stream, key) for key in ALIGNMENT_KEYS}
     if len(store.songs) < 2:
-        return {"n_scores": 0, "start_threshold": 0.9, "end_threshold": 0.8, "note": "fewer than 2 songs: default thresholds", **align}
+        return {"n_scores": 0, **fallback_thresholds(cfg, 0, None), **align}
     rows = np.arange(store.n_vectors)
     if stream.align_weight > 0 and len(rows) > IMPOSTOR_ALIGNED:
         rows = np.sort(np.random.default_rng(IMPOSTOR_SAMPLE_SEED).choice(rows, IMPOSTOR_ALIGNED, replace=False))
@@ -93,18 +95,43 @@ def impostor_calibration(store: IndexStore, cfg: IndexBuildConfig, stream: Strea
         if found:
             best_other.append(max(found.values()))
     impostor = np.asarray(best_other)
+    if not len(impostor):
+        return {"n_scores": 0, **fallback_thresholds(cfg, 0, None), **align}
     start = float(np.quantile(impostor, cfg.impostor_quantile))
     median = float(np.median(impostor))
+    measured = {"start_threshold": start, "end_threshold": median + 0.5 * (start - median), "threshold_source": "impostor scores"}
+    if len(impostor) < min_impostor_scores(cfg):
+        measured = fallback_thresholds(cfg, len(impostor), measured)
     return {
         "n_scores": len(impostor),
         "impostor_median": median,
         "impostor_p99": float(np.quantile(impostor, 0.99)),
         "impostor_max": float(impostor.max()),
         "quantile": cfg.impostor_quantile,
-        "start_threshold": start,
-        "end_threshold": median + 0.5 * (start - median),
+        **measured,
         **align,
     }
+
+
+def min_impostor_scores(cfg: IndexBuildConfig) -> int:
+    """Scores needed before the `impostor_quantile` quantile is more than the sample's maximum:
+    one expected score beyond it (1000 for the 0.999 quantile)."""
+    return math.ceil(1.0 / (1.0 - cfg.impostor_quantile) - 1e-9) if cfg.impostor_quantile < 1.0 else 10**9
+
+
+def fallback_thresholds(cfg: IndexBuildConfig, n_scores: int, measured: dict | None) -> dict:
+    """The configured fallback thresholds (or the measured ones where those are stricter),
+    for an index whose impostor scores are too few to set them; warns once per build."""
+    start = max(cfg.fallback_start_threshold, measured["start_threshold"] if measured else 0.0)
+    end = min(start, max(cfg.fallback_end_threshold, measured["end_threshold"] if measured else 0.0))
+    needed = min_impostor_scores(cfg)
+    reason = f"only {n_scores} impostor scores (at least {needed} are needed)"
+    log.warning(
+        "%s: the thresholds are a safe default (start %.3f, end %.3f), not measured on this catalog. "
+        "Set them for your stream with `coverwatch calibrate INDEX_DIR --audio FILE...` on an hour or more of music that is NOT in the catalog",
+        reason, start, end,
+    )  # fmt: skip
+    return {"start_threshold": start, "end_threshold": end, "threshold_source": f"fallback default: {reason}"}
 
 
 # --- measuring scores on audio ---------------------------------------------------------

@@ -7,9 +7,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coverwatch.index_builder.tags import read_tags
+
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff")
+# libsndfile's formats, then those decoded through PyAV (streamer/frontend/decode.py)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff",
+                  ".m4a", ".aac", ".mp4", ".m4b", ".wma", ".asf", ".mka", ".webm", ".ac3", ".ape", ".wv")  # fmt: skip
 REQUIRED_COLUMNS = ("song_id", "title", "path")
 
 
@@ -69,11 +73,21 @@ def read_refs_csv(csv_path: Path) -> list[Reference]:
 
 
 def read_refs_folder(folder: Path) -> list[Reference]:
-    """Every audio file under `folder`; song_id is the path relative to it, without suffix."""
+    """Every audio file under `folder`; song_id is the path relative to it, without suffix;
+    title, artist, album and ISRC from the file's tags (the title falls back to the file name)."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
         raise RefsError(f"{folder}: no audio files ({', '.join(AUDIO_SUFFIXES)}) found")
-    return [Reference(str(p.relative_to(folder).with_suffix("")), p.stem, p) for p in files]
+    refs, seen = [], {}
+    for path in files:
+        song_id = str(path.relative_to(folder).with_suffix(""))
+        if song_id in seen:  # song.mp3 beside song.flac: the same song twice, or two songs? the operator decides
+            raise RefsError(f"{folder}: {seen[song_id].name} and {path.name} would both be song_id {song_id!r}; rename or remove one")
+        seen[song_id] = path
+        tags = read_tags(path)
+        title = tags.pop("title", path.stem)
+        refs.append(Reference(song_id, title, path, tags))
+    return refs
 
 
 def read_refs(source: Path) -> list[Reference]:

@@ -112,6 +112,7 @@ class KafkaConfig:
     stream_idle_s: float = _f(60.0, 1.0, 86400.0)  # a stream without chunks for this long is dropped
     send_timeout_s: float = _f(10.0, 0.1, 600.0)  # wait for the broker's acks=all before retrying
     retry_backoff_max_s: float = _f(30.0, 0.1, 3600.0)  # longest pause between delivery retries
+    connect_timeout_s: float = _f(30.0, 0.5, 86400.0)  # `serve --source kafka` exits (1) when no broker answers this long at start-up
     # Security, passed to every Kafka client. The password is never in this file: it is read
     # from sasl_password_file or the environment variable named by sasl_password_env.
     security_protocol: str = _f("PLAINTEXT", choices=KAFKA_PROTOCOLS)
@@ -151,6 +152,11 @@ class IndexBuildConfig:
     whole_track: bool = _f(True)  # also index each whole track
     index_type: str = _f("auto", choices=INDEX_TYPE_CHOICES)  # auto = chosen by catalog size (streamer/search/index_types.py)
     impostor_quantile: float = _f(0.999, 0.5, 1.0)  # calibration: quantile of non-matching scores
+    # Thresholds for an index with too few impostor scores to estimate that quantile (a small
+    # catalog, before `coverwatch calibrate`): the shipped model's stream calibration on the
+    # 30-song demo catalog (start 0.977, end 0.543 for 1 false alarm a day), rounded up.
+    fallback_start_threshold: float = _f(0.98, 0.0, 11.0)
+    fallback_end_threshold: float = _f(0.55, 0.0, 11.0)
     target_false_alarms_per_day: float = _f(1.0, 1e-6, 1e4)  # `coverwatch calibrate`: start threshold for this rate
     calibration_block_s: float = _f(60.0, 5.0, 3600.0)  # calibration: score maxima are fitted per block of this length
     recalibrate_growth: float = _f(0.25, 0.0, 100.0)  # `index add` re-runs calibration when the song count moves by this fraction
@@ -305,6 +311,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         errors.append("train.d_model must be divisible by train.n_heads")
     if cfg.decision.end_threshold and cfg.decision.start_threshold and cfg.decision.end_threshold > cfg.decision.start_threshold:
         errors.append("decision.end_threshold must not exceed decision.start_threshold (hysteresis)")
+    if cfg.index_build.fallback_end_threshold > cfg.index_build.fallback_start_threshold:
+        errors.append("index_build.fallback_end_threshold must not exceed index_build.fallback_start_threshold (hysteresis)")
     if sorted(cfg.stream.windows_s) != cfg.stream.windows_s or len(set(cfg.stream.windows_s)) != len(cfg.stream.windows_s):
         errors.append("stream.windows_s must be strictly increasing")
     errors.extend(_kafka_security_checks(cfg.kafka))

@@ -6,7 +6,9 @@ for acknowledgements."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,13 +18,69 @@ from kafka.errors import KafkaTimeoutError
 from coverwatch.streamer.config import KafkaConfig
 from coverwatch.streamer.sources.wire import MAX_VALUE_BYTES
 
+log = logging.getLogger(__name__)
+
 WAIT_STEP_S = 1.0  # longest wait without a watchdog ping
+PROBE_TIMEOUT_S = 1.0  # one TCP connection attempt to a bootstrap server
+PROBE_PAUSE_S = 1.0  # between rounds of attempts (a stop request is seen within this)
 LINGER_MS = 5
 REQUEST_OVERHEAD_BYTES = 64 * 1024  # record and request framing around the largest chunk
 
 
 class DeliveryAborted(RuntimeError):
     """Events could not be delivered before the caller gave up (shutdown deadline)."""
+
+
+class NoBrokerError(OSError):
+    """No bootstrap server accepted a connection within [kafka] connect_timeout_s."""
+
+
+def bootstrap_addresses(servers: str) -> list[tuple[str, int]]:
+    """"host:port,[v6]:port,host" -> [(host, port)] (Kafka's default port 9092 where none is given)."""
+    addresses = []
+    for entry in (e.strip() for e in servers.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        if not sep or "]" in port:  # no port (a bare host or [v6])
+            host, port = entry, "9092"
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
+
+
+def wait_for_broker(cfg: KafkaConfig, should_stop: Callable[[], bool], keepalive: Callable[[], None] = lambda: None) -> bool:
+    """Wait until a bootstrap server accepts TCP connections: True when one does, False when
+    `should_stop()` says to give up first, NoBrokerError after `connect_timeout_s`.
+
+    The Kafka clients' own start-up bootstrap blocks for 30 s without a way to interrupt it
+    and logs every refused connection as an error; this probe keeps SIGTERM prompt and says
+    once, plainly, what is missing."""
+    addresses = bootstrap_addresses(cfg.bootstrap_servers)
+    deadline = time.monotonic() + cfg.connect_timeout_s
+    reason, warned = "", False
+    while True:
+        for host, port in addresses:
+            try:
+                with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                    if warned:
+                        log.info("Kafka broker %s:%d is reachable", host, port)
+                    return True
+            except OSError as exc:
+                reason = f"{host}:{port}: {exc.strerror or exc}"
+        if not warned:
+            log.warning("no Kafka broker reachable (%s); waiting up to %.0f s", reason, cfg.connect_timeout_s)
+            warned = True
+        keepalive()
+        stop_by = min(deadline, time.monotonic() + PROBE_PAUSE_S)
+        while time.monotonic() < stop_by:
+            if should_stop():
+                return False
+            time.sleep(0.05)
+        if time.monotonic() >= deadline:
+            raise NoBrokerError(
+                f"no Kafka broker reachable at {cfg.bootstrap_servers} within {cfg.connect_timeout_s:g} s ({reason}); "
+                "check [kafka] bootstrap_servers and that the broker runs"
+            )
 
 
 class SecretError(ValueError):

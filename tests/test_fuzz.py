@@ -37,7 +37,7 @@ from coverwatch.index_builder.refs import RefsError, read_refs_csv
 from coverwatch.streamer.config import Config, ConfigError, load_config, parse_config
 from coverwatch.streamer.frontend.audio import SAMPLE_RATE, AudioError
 from coverwatch.streamer.frontend.decode import MAX_ABS_SAMPLE, iter_audio_blocks, load_audio
-from coverwatch.streamer.sinks.events import MatchEvent, make_event_id
+from coverwatch.streamer.sinks.events import SCHEMA_VERSION, MatchEvent, make_event_id
 from coverwatch.streamer.sinks.local import FanOut, FileSink, StdoutSink
 from coverwatch.streamer.sources.wire import (
     MAX_CHANNELS,
@@ -413,6 +413,20 @@ def test_wav_header_fields(scratch, encoded, channels, rate, bits, tag, data_siz
     expect_audio(path)
 
 
+def test_an_mp3_whose_header_claims_millions_of_frames_is_refused(scratch, encoded):
+    """Found by the fuzzer: an MP3 whose Xing header claims 2^24 frames made libsndfile
+    invent silence without end (hours from 13 kB, until memory ran out). The decoded length
+    is now capped by what the file's size can hold."""
+    data = bytearray(encoded["mp3"])
+    xing = data.index(b"Xing")
+    assert int.from_bytes(data[xing + 4 : xing + 8], "big") & 1  # the frame-count field is present
+    data[xing + 8 : xing + 12] = (2**24 + 59).to_bytes(4, "big")
+    path = scratch / "endless.mp3"
+    path.write_bytes(bytes(data))
+    with pytest.raises(AudioError, match="more than .* bytes can hold"):
+        load_audio(path)
+
+
 @pytest.mark.parametrize("rate", [8000, 44101, 192000])
 def test_a_one_frame_file_is_refused_or_one_sample_long(scratch, rate):
     """Found by the fuzzer: one frame at 44101 Hz resampled to nothing, and load_audio returned an empty array."""
@@ -475,7 +489,8 @@ def check_line(line: str, event: MatchEvent) -> None:
     assert len(line.splitlines()) == 1 and "\n" not in line and "\r" not in line
     line.encode("utf-8")  # strict
     record = json.loads(line)
-    assert set(record) == {f.name for f in dataclasses.fields(MatchEvent)}
+    assert set(record) == {"schema_version"} | {f.name for f in dataclasses.fields(MatchEvent)}
+    assert record["schema_version"] == SCHEMA_VERSION and next(iter(record)) == "schema_version"
     assert (record["stream"], record["song_id"], record["title"]) == (event.stream, event.song_id, event.title)
     for name, digits in (("score", 4), ("stream_time_s", 3), ("match_start_s", 3)):
         value = getattr(event, name)

@@ -60,7 +60,9 @@ def index(embedder, tmp_path_factory):
         soundfile.write(folder / f"s{i}.wav", tune(i, 30.0), SAMPLE_RATE)
         rows.append(f"s{i},Song {i},s{i}.wav")
     (folder / "refs.csv").write_text("\n".join(rows) + "\n")
-    return build_index(read_refs(folder / "refs.csv"), folder / "idx", embedder, IndexBuildConfig())
+    store, skipped = build_index(read_refs(folder / "refs.csv"), folder / "idx", embedder, IndexBuildConfig())
+    assert not skipped
+    return store
 
 
 def unwrap(items: list) -> list[MatchEvent]:

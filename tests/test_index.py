@@ -31,7 +31,7 @@ def test_segment_spans_cover_track_and_end_aligned():
 
 
 def test_build_info_and_search_returns_the_song_itself(refs_csv, embedder, tmp_path):
-    store = build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
+    store, _ = build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
     # 30-s songs: segments at 0-20, 10-30 (end-aligned), plus the whole track
     assert len(store.songs) == 3 and store.n_vectors == 9
     info = index_info(tmp_path / "idx")
@@ -46,12 +46,12 @@ def test_build_info_and_search_returns_the_song_itself(refs_csv, embedder, tmp_p
 
 def test_add_appends_without_touching_existing_vectors(refs_csv, embedder, tmp_path):
     idx = tmp_path / "idx"
-    before = build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    before, _ = build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
     old_vectors = before.faiss_index.reconstruct_n(0, before.n_vectors)
     soundfile.write(tmp_path / "new.wav", melody(9, 45.0), SAMPLE_RATE)
     more = tmp_path / "more.csv"
     more.write_text("song_id,title,path\nnew,New song,new.wav\n")
-    after = add_to_index(idx, read_refs(more), embedder, IndexBuildConfig())
+    after, _ = add_to_index(idx, read_refs(more), embedder, IndexBuildConfig())
     assert [s.song_id for s in after.songs] == ["song0", "song1", "song2", "new"]
     reloaded = load_index(idx)
     assert np.array_equal(reloaded.faiss_index.reconstruct_n(0, before.n_vectors), old_vectors)
@@ -131,7 +131,7 @@ def test_chroma_is_stored_per_song_kept_by_add_and_checked(refs_csv, embedder, t
     """Each song's chroma (for the daemon's alignment check) survives save/load and `index add`;
     a damaged chroma file or offsets that do not fit are refused."""
     idx = tmp_path / "idx"
-    store = build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    store, _ = build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
     expected = chroma(embedder.cqt_whole(load_audio(tmp_path / "song1.wav")))
     loaded = load_index(idx)
     assert loaded.chroma_offsets.tolist() == store.chroma_offsets.tolist() and len(loaded.chroma_offsets) == 4
@@ -178,7 +178,7 @@ def test_failed_build_leaves_previous_index_intact(refs_csv, embedder, tmp_path)
     bad = tmp_path / "bad.csv"
     bad.write_text("song_id,title,path\nsong0,S,song0.wav\nbroken,B,broken.wav\n")
     with pytest.raises(AudioError, match="broken.wav"):
-        build_index(read_refs(bad), idx, embedder, IndexBuildConfig())
+        build_index(read_refs(bad), idx, embedder, IndexBuildConfig(), force=True)
     assert sorted(p.name for p in idx.iterdir()) == before
     assert len(load_index(idx).songs) == 3
 
@@ -215,5 +215,5 @@ def test_refs_from_folder(tmp_path):
 
 def test_ivf_and_hnsw_types_build(refs_csv, embedder, tmp_path):
     for kind in ("ivf", "hnsw"):
-        store = build_index(read_refs(refs_csv), tmp_path / kind, embedder, IndexBuildConfig(index_type=kind))
+        store, _ = build_index(read_refs(refs_csv), tmp_path / kind, embedder, IndexBuildConfig(index_type=kind))
         assert load_index(tmp_path / kind).n_vectors == store.n_vectors == 9

@@ -141,5 +141,5 @@ def test_ivf_index_loads_mapped_and_still_accepts_added_songs(random_model_dir, 
     assert isinstance(lists, faiss.OnDiskInvertedLists)  # memory-mapped
     soundfile.write(tmp_path / "new.wav", melody(9, 45.0), SAMPLE_RATE)
     (tmp_path / "more.csv").write_text("song_id,title,path\nnew,New song,new.wav\n")
-    after = add_to_index(out, read_refs(tmp_path / "more.csv"), Embedder(random_model_dir, threads=1), IndexBuildConfig())
+    after, _ = add_to_index(out, read_refs(tmp_path / "more.csv"), Embedder(random_model_dir, threads=1), IndexBuildConfig())
     assert after.n_vectors > mapped.n_vectors and load_index(out).settings["index"]["index_type"] == "ivf_sq8"

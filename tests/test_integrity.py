@@ -224,7 +224,8 @@ def test_index_build_killed_mid_write_leaves_old_or_new_index(random_model_dir, 
         "manifest temp file": lambda d: MANIFEST + ".tmp" in _names(d),
         "new manifest": new_manifest,
     }
-    args = [sys.executable, "-m", "coverwatch", "index", "build", "--model", str(random_model_dir), "--refs", str(refs4), "--out"]
+    # --force: each build replaces the 3-song index copied into `work`
+    args = [sys.executable, "-m", "coverwatch", "index", "build", "--force", "--model", str(random_model_dir), "--refs", str(refs4), "--out"]
     outcomes = {}
     for point, seen in kill_points.items():
         work = tmp_path / f"kill-{point.replace(' ', '-')}"
@@ -239,7 +240,7 @@ def test_index_build_killed_mid_write_leaves_old_or_new_index(random_model_dir, 
             # FAISS file it names, must still be there and whole.
             assert songs == 3, f"{point}: manifest temp file left, yet {songs} songs"
         outcomes[point] = (killed, songs)
-        coverwatch("index", "build", "--model", random_model_dir, "--refs", refs4, "--out", work, check=True)
+        coverwatch("index", "build", "--force", "--model", random_model_dir, "--refs", refs4, "--out", work, check=True)
         live = [next(work.glob(pattern)).name for pattern in ("vectors-*.faiss", "table-*.npy", "chroma-*.npy")]
         assert sorted(_names(work)) == sorted([MANIFEST, *live])
         assert len(load_index(work).songs) == 4

@@ -19,7 +19,7 @@ FIXED = DecisionConfig(start_threshold=0.5, end_threshold=0.4, start_hops=1, end
 @pytest.fixture()
 def random_monitor(random_model_dir, refs_csv, tmp_path):
     embedder = Embedder(random_model_dir, threads=1)
-    store = build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
+    store, _ = build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
     return Monitor(embedder, store, StreamConfig(windows_s=[5.0, 10.0], hop_s=2.5), FIXED)
 
 

@@ -16,6 +16,7 @@ import ast
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -227,14 +228,18 @@ sasl_password_file = "{tmp_path / "password"}"
 
 
 def test_password_never_appears_in_logs(random_model_dir, index_dir, tmp_path):
-    """`coverwatch serve --source kafka` at DEBUG, SASL towards a port where no broker listens:
-    it retries and logs its failures, and on SIGTERM drains; the password from the file is
-    in neither stderr nor stdout."""
+    """`coverwatch serve --source kafka` at DEBUG, SASL towards a port that accepts TCP
+    connections but never answers (so the start-up probe passes and the Kafka client itself
+    connects and fails): it retries and logs its failures, and on SIGTERM drains; the
+    password from the file is in neither stderr nor stdout."""
     (tmp_path / "password").write_text(SECRET + "\n")
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(64)  # the kernel completes handshakes from the backlog; nothing reads or replies
     config = tmp_path / "c.toml"
     config.write_text(
         f"""[kafka]
-bootstrap_servers = "127.0.0.1:{free_port()}"
+bootstrap_servers = "127.0.0.1:{mute.getsockname()[1]}"
 security_protocol = "SASL_PLAINTEXT"
 sasl_plain_username = "coverwatch"
 sasl_password_file = "{tmp_path / "password"}"
@@ -259,6 +264,7 @@ drain_timeout_s = 2.0
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            mute.close()
     logs = err_path.read_text()
     assert "level=DEBUG" in logs and "coverwatch" in logs  # the logs are there, and verbose
     assert SECRET not in logs and SECRET not in out_path.read_text()

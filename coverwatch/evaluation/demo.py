@@ -77,7 +77,7 @@ def ensure_demo_index(workdir: Path, cfg: Config, calibrated: bool = False) -> P
     index_dir = workdir / f"index-{load_model_info(model_dir).model_hash}-format{FORMAT_VERSION}"
     if not (index_dir / "manifest.json").exists():
         embedder = Embedder(model_dir, cfg.model.threads)
-        build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build, cfg.stream)
+        build_index(read_refs(workdir / "catalog" / "refs.csv"), index_dir, embedder, cfg.index_build, cfg.stream, force=True)  # its own cache: a half-built one is replaced
     stream_calibration = read_manifest(index_dir).get("calibration", {}).get("stream") or {}
     # An index calibrated on less audio than the demo now renders (an older cache), or with
     # other scoring settings than the config's, is calibrated again.

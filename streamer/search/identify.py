@@ -3,6 +3,8 @@
 A query file is embedded whole (up to WHOLE_TRACK_MAX_S) and as windows of the longest
 configured stream window, so that a query that is a part of a song, or contains a song
 amid other audio, still finds it; a song's score is its best over all query vectors.
+A query shorter than the daemon's shortest window, or with less sound than that above the
+silence gate, is refused (`QueryError`): what it would rank is noise, not a match.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from coverwatch.streamer.embed.embedder import Embedder
-from coverwatch.streamer.frontend.audio import seconds_to_frames
+from coverwatch.streamer.config import StreamConfig
+from coverwatch.streamer.frontend.audio import HOP_LENGTH, SAMPLE_RATE, AudioError, seconds_to_frames
 from coverwatch.streamer.frontend.decode import load_audio
 from coverwatch.streamer.search.segments import WHOLE_TRACK_MAX_S, segment_spans
+from coverwatch.streamer.frontend.rolling import hop_energy
 from coverwatch.streamer.search.store import IndexStore
 
 log = logging.getLogger(__name__)
@@ -38,11 +42,37 @@ def rank_songs(index: IndexStore, vectors: np.ndarray, top_k: int, neighbours: i
     return sorted(best.items(), key=lambda kv: -kv[1])[:top_k]
 
 
-def identify_file(embedder: Embedder, index: IndexStore, path: Path, top_k: int, window_s: float) -> dict:
-    """One result record {"file", "matches": [{"song_id", "title", "score"}, ...]}."""
-    frames = embedder.cqt_whole(load_audio(path))
-    ranked = rank_songs(index, query_vectors(embedder, frames, window_s), top_k)
+class QueryError(AudioError):
+    """A query file that decodes but cannot be identified: too short, or silence."""
+
+
+def check_query(path: Path, audio: np.ndarray, stream: StreamConfig) -> None:
+    """Refuse (N,) audio at SAMPLE_RATE holding less than the shortest stream window of sound."""
+    needed_s = min(stream.windows_s)
+    seconds = len(audio) / SAMPLE_RATE
+    if seconds < needed_s:
+        raise QueryError(f"{path}: too short ({round(seconds, 3):g} s; at least {needed_s:g} s)")
+    hops = hop_energy(audio[: len(audio) // HOP_LENGTH * HOP_LENGTH])
+    sound_s = float((hops >= 10.0 ** (stream.silence_dbfs / 10.0)).sum()) * HOP_LENGTH / SAMPLE_RATE
+    if sound_s < needed_s:
+        loudest = 10.0 * np.log10(max(float(hops.max()), 1e-30)) if len(hops) else float("-inf")
+        raise QueryError(
+            f"{path}: silence ({sound_s:.1f} s above the {stream.silence_dbfs:g} dBFS gate, loudest {loudest:.0f} dBFS; "
+            f"at least {needed_s:g} s of sound needed)"
+        )
+
+
+def identify_file(embedder: Embedder, index: IndexStore, path: Path, top_k: int, stream: StreamConfig) -> dict:
+    """One result record {"file", "seconds", "matches": [{"song_id", "title", "score", "metadata"}, ...]}."""
+    audio = load_audio(path)
+    check_query(path, audio, stream)
+    frames = embedder.cqt_whole(audio)
+    ranked = rank_songs(index, query_vectors(embedder, frames, max(stream.windows_s)), top_k)
     return {
         "file": str(path),
-        "matches": [{"song_id": index.songs[s].song_id, "title": index.songs[s].title, "score": round(score, 4)} for s, score in ranked],
+        "seconds": round(len(audio) / SAMPLE_RATE, 3),
+        "matches": [
+            {"song_id": index.songs[s].song_id, "title": index.songs[s].title, "score": round(score, 4), "metadata": index.songs[s].metadata}
+            for s, score in ranked
+        ],
     }

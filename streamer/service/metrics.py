@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.process_collector import ProcessCollector
 
+from coverwatch.streamer.sinks.events import EVENT_KINDS
+
 log = logging.getLogger(__name__)
 
 STAGES = ("decode", "resample", "cqt", "embed", "search", "align", "decide")
@@ -62,6 +64,11 @@ class Metrics:
             self.chunks.labels(outcome)
         for stage in STAGES:
             self.stage_seconds.labels(stage)
+        # Exported at 0 from the start, so "no plays for hours" is a query on a real series.
+        for kind in EVENT_KINDS:
+            self.matches.labels(kind)
+        self.index_reloads.labels("ok")
+        self.index_reloads.labels("failed")
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(seconds)

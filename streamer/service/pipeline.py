@@ -56,6 +56,11 @@ class Thresholds:
     start: float
     end: float
     source: str  # "config", "stream calibration", "index calibration", or "config + ..." when config sets one of the two
+    detail: str = ""  # how the index calibration set them: "impostor scores", or "fallback default: ..." for a small catalog
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.detail.startswith("fallback")
 
 
 def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Thresholds:
@@ -71,7 +76,14 @@ def resolve_thresholds(decision: DecisionConfig, calibration: dict) -> Threshold
     end = decision.end_threshold or min(start, float(fitted["end_threshold"]))
     if decision.start_threshold or decision.end_threshold:  # say so: a log reading "stream calibration" for a configured start misleads
         source = f"config + {source}"
-    return Thresholds(start, end, source)
+    detail = "" if calibration.get("stream") else str(calibration.get("threshold_source", ""))
+    return Thresholds(start, end, source, detail)
+
+
+def play_lead_s(stream: StreamConfig) -> float:
+    """How long before its first hop at or above end_threshold a play is taken to begin: half
+    the shortest window (about the seconds of a song a window holds when it first scores)."""
+    return min(stream.windows_s) / 2.0
 
 
 @dataclass
@@ -149,6 +161,11 @@ class Monitor:
         if metrics:
             metrics.set_index(len(index.songs), index.n_vectors)
         log.info("decision thresholds start=%.3f end=%.3f (%s)", self.thresholds.start, self.thresholds.end, self.thresholds.source)
+        if self.thresholds.is_fallback and not decision_cfg.start_threshold:
+            log.warning(
+                "the index's thresholds are a default, not measured (%s): run `coverwatch calibrate` on an hour of non-catalog audio",
+                self.thresholds.detail,
+            )
         self._warn_drift(index)
 
     def _warn_drift(self, index: IndexStore) -> None:
@@ -200,9 +217,7 @@ class Monitor:
         state = self.streams.get(stream_id)
         if state is None:
             return
-        state.decider.current = self.index.song_rows().get(song_id) if song_id is not None else None
-        state.decider.current_started_s = started_s
-        state.decider.below = 0
+        state.decider.restore(self.index.song_rows().get(song_id) if song_id is not None else None, started_s)
 
     def _new_stream(self, stream_id: str, rate: int, origin_s: float) -> StreamState:
         cqt = IncrementalCqt(self.embedder.cqt, self.embedder.kernel_length)
@@ -221,6 +236,7 @@ class Monitor:
                 self.decision_cfg.start_hops,
                 self.decision_cfg.end_hops,
                 self.decision_cfg.history_hops,
+                lead_s=play_lead_s(self.stream_cfg),
             ),
             next_grid=first_grid,
             next_decision_frame=0,
@@ -349,6 +365,10 @@ class Monitor:
             match_start_s=decision.started_s,
             wall_time=utc_now_iso(),
             p_value=p_value(self.index.calibration, decision.score),
+            metadata=song.metadata,
+            play_start_s=decision.play_start_s,
+            play_start_wall_time=None if decision.play_start_s is None else utc_now_iso(decision.time_s - decision.play_start_s),
+            duration_s=None if decision.play_end_s is None else decision.play_end_s - decision.play_start_s,
         )
 
     def end_stream(self, stream_id: str, tag: object = None) -> list[tuple[object, MatchEvent]]:

@@ -1,8 +1,19 @@
-"""Match events: the JSON-lines schema written to stdout, files and (later) Kafka.
+"""Match events: the JSON-lines schema written to stdout, files and Kafka.
 
-    {"event": "match_start" | "match_end", "event_id": "...", "stream": "...",
-     "song_id": "...", "title": "...", "score": 0.83, "stream_time_s": 61.3,
-     "match_start_s": 61.3, "wall_time": "2026-11-29T01:02:03.456Z", "p_value": 2.1e-06}
+    {"schema_version": 2, "event": "match_start" | "match_end", "event_id": "...",
+     "stream": "...", "song_id": "...", "title": "...", "metadata": {"artist": "...", "isrc": "..."},
+     "score": 0.83, "stream_time_s": 61.3, "match_start_s": 61.3, "wall_time": "2026-11-29T01:02:03.456Z",
+     "play_start_s": 44.8, "play_start_wall_time": "2026-11-29T01:01:46.956Z", "duration_s": null,
+     "p_value": 2.1e-06}
+
+`metadata` holds the reference's extra refs-CSV columns or file tags (artist, album, isrc,
+...). `stream_time_s` is when the decision was taken and `match_start_s` when the match's
+start was decided (the same on a match_start; it pairs a match_end with its start).
+`play_start_s` is the estimated stream time at which the play itself began (earlier: the
+decision needs seconds of evidence; streamer/decide/hysteresis.py says how it is
+estimated), `play_start_wall_time` the same instant on the wall clock, and `duration_s`
+(match_end only) the play's estimated length. Version 1 events had neither `schema_version`
+nor the last four keys.
 
 `score` is the fused score that decided: embedding cosine + `[stream] align_weight` x the
 alignment score (streamer/decide/alignment.py), so up to 1 + align_weight.
@@ -23,9 +34,10 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
 
+SCHEMA_VERSION = 2  # bump when a key changes meaning or goes; new keys alone keep readers working
 EVENT_KINDS = ("match_start", "match_end")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # json.dumps escapes C0 controls but leaves these raw; str.splitlines (and pre-2019 JavaScript) breaks lines at them.
@@ -50,8 +62,10 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def utc_now_iso(earlier_s: float = 0.0) -> str:
+    """The wall clock now (or `earlier_s` seconds ago), ISO 8601 UTC with milliseconds."""
+    moment = datetime.now(timezone.utc) - timedelta(seconds=earlier_s)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -66,18 +80,24 @@ class MatchEvent:
     match_start_s: float  # stream time at which the match started
     wall_time: str
     p_value: float | None = None  # chance that unrelated audio scores this high in a calibration block (None: index not stream-calibrated)
+    metadata: dict[str, str] = field(default_factory=dict)  # the reference's refs-CSV columns / tags
+    play_start_s: float | None = None  # estimated stream time the play began
+    play_start_wall_time: str | None = None
+    duration_s: float | None = None  # match_end: the play's estimated length
 
     def __post_init__(self) -> None:
         for name in ("stream", "song_id", "title"):  # what sinks encode (JSON lines, Kafka keys) must be valid UTF-8
             object.__setattr__(self, name, _scalar_text(getattr(self, name)))
+        object.__setattr__(self, "metadata", {_scalar_text(str(k)): _scalar_text(str(v)) for k, v in self.metadata.items()})
 
     def to_json(self, ascii_only: bool = False) -> str:
         """One line of JSON: every line break a splitter could see (NEL, U+2028, U+2029 too) is
         escaped; `ascii_only` escapes all non-ASCII text too (for a stdout that is not UTF-8)."""
-        record = asdict(self)
+        record = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         record["score"] = _finite_or_none(round(self.score, 4))
-        record["stream_time_s"] = _finite_or_none(round(self.stream_time_s, 3))
-        record["match_start_s"] = _finite_or_none(round(self.match_start_s, 3))
+        for name in ("stream_time_s", "match_start_s", "play_start_s", "duration_s"):
+            value = getattr(self, name)
+            record[name] = None if value is None else _finite_or_none(round(value, 3))
         # rounding to 3 significant digits turns the largest doubles into inf
         record["p_value"] = _finite_or_none(None if self.p_value is None else float(f"{self.p_value:.3g}"))
         line = json.dumps(record, ensure_ascii=ascii_only, allow_nan=False)

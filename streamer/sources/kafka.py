@@ -31,7 +31,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from coverwatch.streamer.config import KafkaConfig
-from coverwatch.streamer.kafka_client import producer_settings, security_settings, wait_acknowledged
+from coverwatch.streamer.kafka_client import producer_settings, security_settings, wait_acknowledged, wait_for_broker
 from coverwatch.streamer.service.checkpoints import CheckpointTopic
 from coverwatch.streamer.service.metrics import Metrics
 from coverwatch.streamer.service.pipeline import ChunkError
@@ -156,10 +156,12 @@ class KafkaSource:
     def run(self, processor: ChunkProcessor) -> None:
         self._processor = processor
         self.running = True
-        self._consumer = self._make_consumer()
-        self._consumer.subscribe(self.cfg.audio_topics, listener=_Rebalance(self._rebalances))
-        log.info("consuming %s as group %s from %s", self.cfg.audio_topics, self.cfg.group_id, self.cfg.bootstrap_servers)
         try:
+            if not wait_for_broker(self.cfg, should_stop=lambda: not self.running, keepalive=processor.tick):
+                return  # stopped (SIGTERM) before a broker appeared
+            self._consumer = self._make_consumer()
+            self._consumer.subscribe(self.cfg.audio_topics, listener=_Rebalance(self._rebalances))
+            log.info("consuming %s as group %s from %s", self.cfg.audio_topics, self.cfg.group_id, self.cfg.bootstrap_servers)
             while self.running:
                 try:
                     batch = self._consumer.poll(timeout_ms=POLL_TIMEOUT_MS)

@@ -147,11 +147,25 @@ class MicSource:
                 backoff = min(2 * backoff, self.RECONNECT_MAX_S)
         return None
 
-    def run(self, handler: Handler) -> None:
-        import sounddevice  # imported here: needs PortAudio, which only mic users must have
+    def _first_open(self) -> tuple[Any, Any]:
+        """(sounddevice module, open stream), or MicError saying what to do instead."""
+        try:
+            import sounddevice  # imported here: needs PortAudio, which only mic users must have
+        except OSError as exc:
+            raise MicError(f"cannot use a microphone: the PortAudio library is missing ({exc}); install it (Debian: apt-get install libportaudio2), or serve --source file:PATH or --source kafka") from None
+        try:
+            return sounddevice, self._open(sounddevice)
+        except (sounddevice.PortAudioError, ValueError) as exc:  # ValueError: no device of that name
+            devices = [d["name"] for d in sounddevice.query_devices() if d["max_input_channels"] > 0] if _can_list(sounddevice) else []
+            found = f"input devices: {', '.join(devices)}" if devices else "no input device found"
+            raise MicError(
+                f"cannot open microphone {self.device or '(default device)'}: {exc}; {found}. "
+                "Choose one with --source mic:DEVICE ([mic] in the config), or serve --source file:PATH or --source kafka"
+            ) from None
 
+    def run(self, handler: Handler) -> None:
         self.running = True
-        stream = self._open(sounddevice)
+        sounddevice, stream = self._first_open()
         while stream is not None:
             self._pump(stream, handler)
             if not self.running:
@@ -170,6 +184,18 @@ class MicSource:
 
     def stop(self) -> None:
         self.running = False
+
+
+class MicError(OSError):
+    """The microphone cannot be opened at start-up (no PortAudio, no such device, no device)."""
+
+
+def _can_list(sounddevice: Any) -> bool:
+    try:
+        sounddevice.query_devices()
+        return True
+    except Exception:  # noqa: BLE001 - PortAudio without a host API answers with errors of its own
+        return False
 
 
 def parse_source(
