@@ -174,12 +174,13 @@ def iter_audio_blocks(path: str | Path, block_s: float) -> Iterator[tuple[np.nda
         blocks = _pyav_blocks(path, block_s, str(exc))
     else:
         blocks = _soundfile_blocks(path, handle, block_s)
-    limit_s, decoded_s = plausible_seconds(path.stat().st_size), 0.0
+    file_bytes = path.stat().st_size
+    limit_s, decoded_s = plausible_seconds(file_bytes), 0.0
     for block, rate in blocks:
         decoded_s += len(block) / rate
         if decoded_s > limit_s:
             blocks.close()
-            raise AudioError(f"{path}: decodes to more than {limit_s:.0f} s, more than {path.stat().st_size} bytes can hold; a broken header?")
+            raise AudioError(f"{path}: decodes to more than {limit_s:.0f} s, more than {file_bytes} bytes can hold; a broken header?")
         yield block, rate
 
 
