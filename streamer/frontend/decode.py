@@ -94,11 +94,20 @@ def _checked_rate(path: Path, rate: int) -> int:
     return rate
 
 
-def _soundfile_blocks(path: Path, handle: soundfile.SoundFile, block_s: float) -> Iterator[tuple[np.ndarray, int]]:
+def _check_plausible_length(path: Path, seconds: float, file_bytes: int) -> None:
+    if seconds > plausible_seconds(file_bytes):
+        raise AudioError(f"{path}: decodes to more than {plausible_seconds(file_bytes):.0f} s, more than {file_bytes} bytes can hold; a broken header?")
+
+
+def _soundfile_blocks(path: Path, handle: soundfile.SoundFile, block_s: float, file_bytes: int) -> Iterator[tuple[np.ndarray, int]]:
     with handle:
         if handle.frames == 0:
             raise AudioError(f"{path}: contains no audio samples")
         rate = _checked_rate(path, handle.samplerate)
+        # Refuse before reading: past the real data some libsndfile builds return whatever
+        # memory holds (NaN, 1e17) rather than silence, so the length check must not wait
+        # for the samples.
+        _check_plausible_length(path, handle.frames / rate, file_bytes)
         try:
             for data in handle.blocks(blocksize=max(1, int(round(block_s * rate))), dtype="float32", always_2d=True):
                 yield data, rate
@@ -168,19 +177,21 @@ def iter_audio_blocks(path: str | Path, block_s: float) -> Iterator[tuple[np.nda
     """Yield (samples (N, C) float32, sample_rate) blocks of about `block_s` seconds from a file."""
     path = Path(path)
     _check_file(path)
+    file_bytes = path.stat().st_size
     try:
         handle = _open_soundfile(path)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
         blocks = _pyav_blocks(path, block_s, str(exc))
     else:
-        blocks = _soundfile_blocks(path, handle, block_s)
-    file_bytes = path.stat().st_size
-    limit_s, decoded_s = plausible_seconds(file_bytes), 0.0
+        blocks = _soundfile_blocks(path, handle, block_s, file_bytes)
+    decoded_s = 0.0
     for block, rate in blocks:
         decoded_s += len(block) / rate
-        if decoded_s > limit_s:
+        try:
+            _check_plausible_length(path, decoded_s, file_bytes)
+        except AudioError:
             blocks.close()
-            raise AudioError(f"{path}: decodes to more than {limit_s:.0f} s, more than {file_bytes} bytes can hold; a broken header?")
+            raise
         yield block, rate
 
 
