@@ -47,7 +47,8 @@ def cached_trace(folder: Path, embedder, index, stream: Path, stream_cfg) -> Tra
         d = json.loads(path.read_text())
         scores = [{int(k): v for k, v in hop.items()} for hop in d["scores"]]
         plays = [TruthPlay(p["song_id"], p["start_s"], p["end_s"], p["info"]) for p in d["plays"]]
-        return Trace(d["name"], d["duration_s"], np.asarray(d["times"]), scores, d["song_ids"], plays)
+        positions = [{int(k): v for k, v in hop.items()} for hop in d.get("positions", [])]
+        return Trace(d["name"], d["duration_s"], np.asarray(d["times"]), scores, d["song_ids"], plays, positions)
     trace = stream_trace(embedder, index, stream, stream_cfg)
     folder.mkdir(parents=True, exist_ok=True)
     record = dataclasses.asdict(trace) | {"times": trace.times.tolist()}

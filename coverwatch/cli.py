@@ -213,6 +213,10 @@ def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
         from coverwatch.model.variants import merge_training_manifests
 
         path = merge_training_manifests(Path(args.covers), Path(args.variants), Path(args.out))
+    elif args.data_command == "leaveout":
+        from coverwatch.model.leaveout import build_leaveout_set
+
+        path = build_leaveout_set(Path(args.out), args.groups, args.seed)
     elif args.data_command == "negatives":
         from coverwatch.model.negatives import build_negative_manifest
 
@@ -430,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_merge.add_argument("--covers", required=True, metavar="MANIFEST", help="manifest.csv of `data build`")
     data_merge.add_argument("--variants", required=True, metavar="MANIFEST", help="manifest.csv of `data variants --which train`")
     data_merge.add_argument("--out", required=True, metavar="MANIFEST", help="merged manifest.csv (paths relative to its folder)")
+    data_leaveout = command(data_sub, "leaveout", "render the leave-out cover set (unused collection, arranger, synth and effects; model/leaveout.py)")
+    data_leaveout.add_argument("--out", required=True, metavar="DIR", help="dataset folder (audio/ and manifest.csv)")
+    data_leaveout.add_argument("--groups", type=int, default=120, help="tunes, one group of 4 versions each")
+    data_leaveout.add_argument("--seed", type=int, default=0, help="random seed (same seed, same set)")
     data_negatives = command(data_sub, "negatives", "list installed out-of-catalog training music (model/negatives.py)")
     data_negatives.add_argument("--out", required=True, metavar="DIR", help="folder for the negatives manifest")
     data_demo = command(data_sub, "demo", "render the demo catalog and stream")

@@ -137,12 +137,15 @@ def fallback_thresholds(cfg: IndexBuildConfig, n_scores: int, measured: dict | N
 # --- measuring scores on audio ---------------------------------------------------------
 
 
-def hop_scores(embedder, index: IndexStore, audio: np.ndarray, stream_cfg: StreamConfig) -> tuple[np.ndarray, list[dict[int, float]]]:
+def hop_scores(
+    embedder, index: IndexStore, audio: np.ndarray, stream_cfg: StreamConfig, positions: list[dict[int, float]] | None = None
+) -> tuple[np.ndarray, list[dict[int, float]]]:
     """(N,) float32 audio at SAMPLE_RATE -> ((H,) decision times in s, per hop {song row: score}),
     as the daemon scores a file: `embedding_hop_scores`, then the daemon's alignment term
-    (streamer/decide/alignment.py) for each hop's best `align_candidates` songs."""
+    (streamer/decide/alignment.py) for each hop's best `align_candidates` songs. `positions`,
+    if given, receives per hop {song row: aligned reference time in s}."""
     times, scores, queries = embedding_hop_scores(embedder, index, audio, stream_cfg)
-    return times, fuse_hops(scores, queries, index, stream_cfg)
+    return times, fuse_hops(scores, queries, index, stream_cfg, positions)
 
 
 def embedding_hop_scores(

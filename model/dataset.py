@@ -42,6 +42,7 @@ from tqdm import tqdm
 from coverwatch.model.degrade import degrade, random_chain
 from coverwatch.model.render import (
     DEFAULT_COLLECTIONS,
+    LEAVEOUT_COLLECTIONS,
     HELD_OUT_SOUNDFONT,
     TRAIN_SOUNDFONT,
     Arrangement,
@@ -244,6 +245,8 @@ def build_cover_dataset(
 ) -> Path:
     """Render `n_groups` cover groups to out_dir/audio/<group_id>/v<version>.flac; return manifest.csv.
 
+    Collections of the leave-out set (`LEAVEOUT_COLLECTIONS`) are refused: training on them
+    would make that evaluation measure the training data again.
     Tunes are the first usable ones of the non-demo title families in an order fixed by
     `seed`, so a larger `n_groups` extends a smaller build. Each group's arrangements
     come from a generator seeded by (seed, tune_id); versions differ in program,
@@ -267,6 +270,8 @@ def build_cover_dataset(
             f"bad sizes: n_groups={n_groups}, versions_per_group={versions_per_group}, "
             f"val_fraction={val_fraction}, degrade_fraction={degrade_fraction}"
         )
+    if set(collections) & set(LEAVEOUT_COLLECTIONS):
+        raise ValueError(f"{sorted(set(collections) & set(LEAVEOUT_COLLECTIONS))}: kept for the leave-out evaluation (coverwatch data leaveout), never for training")
     out_dir = Path(out_dir)
     heads = [s for s in _family_heads(collections, demo=False) if s.family not in exclude_families]
     sources = sorted(heads, key=lambda s: _unit_hash("order", seed, s.tune_id))

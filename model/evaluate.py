@@ -23,7 +23,9 @@ from tqdm import tqdm
 from coverwatch.index_builder.build import embed_reference
 from coverwatch.model.retrieval_metrics import evaluate_similarity
 from coverwatch.model.train import read_split
-from coverwatch.streamer.config import IndexBuildConfig
+from coverwatch.streamer.config import IndexBuildConfig, StreamConfig
+from coverwatch.streamer.decide.alignment import chroma, fuse_scores
+from coverwatch.streamer.search.identify import ALIGN_KEYS, ALIGN_RERANK, identify_stream, middle
 from coverwatch.streamer.embed.embedder import Embedder
 from coverwatch.streamer.frontend.audio import BINS_PER_OCTAVE, seconds_to_frames
 from coverwatch.streamer.frontend.decode import load_audio
@@ -62,11 +64,7 @@ def chroma_2dftm(frames: np.ndarray) -> np.ndarray:
 
 def _excerpt(frames: np.ndarray, seconds: float) -> np.ndarray:
     """(T, F) -> (min(T, n), F): the middle `seconds` of a track, or all of it if shorter."""
-    n = seconds_to_frames(seconds)
-    if len(frames) <= n:
-        return frames
-    start = (len(frames) - n) // 2
-    return frames[start : start + n]
+    return middle(frames, seconds_to_frames(seconds))
 
 
 def _best_per_track(vector_sim: np.ndarray, owners: np.ndarray, n_tracks: int) -> np.ndarray:
@@ -77,19 +75,49 @@ def _best_per_track(vector_sim: np.ndarray, owners: np.ndarray, n_tracks: int) -
     return track_sim
 
 
-def model_figures(embedder: Embedder, frames: list[np.ndarray], groups: np.ndarray, name: str) -> dict:
-    """Whole-track and excerpt figures of one model over the same CQT frames."""
+def model_figures(embedder: Embedder, frames: list[np.ndarray], groups: np.ndarray, name: str, stream: StreamConfig | None = None) -> dict:
+    """Whole-track and excerpt figures of one model over the same CQT frames; with `stream`
+    (align_weight > 0) also those after identify's alignment re-ranking, under "aligned"."""
     whole = np.concatenate([embedder.embed(f[None].astype(np.float32)) for f in tqdm(frames, desc=f"{name}: whole", unit="track")])
     build_cfg = IndexBuildConfig()
     ref_vectors = [embed_reference(embedder, f, build_cfg)[0] for f in tqdm(frames, desc=f"{name}: references", unit="track")]
     owners = np.concatenate([np.full(len(v), i) for i, v in enumerate(ref_vectors)])
     stacked = np.concatenate(ref_vectors)
-    figures = {"whole_track": evaluate_similarity(whole @ whole.T, groups, groups, exclude_self=True).as_dict(), "excerpts": {}}
-    for seconds in EXCERPT_SECONDS:
-        queries = np.concatenate([embedder.embed(_excerpt(f, seconds)[None].astype(np.float32)) for f in frames])
-        track_sim = _best_per_track(queries @ stacked.T, owners, len(frames))
-        figures["excerpts"][f"{seconds:g}s"] = evaluate_similarity(track_sim, groups, groups, exclude_self=True).as_dict()
+    align = stream is not None and stream.align_weight > 0
+    chromas = [chroma(f) for f in frames] if align else []
+
+    def figures_of(similarity: np.ndarray, queries: list[np.ndarray]) -> tuple[dict, dict | None]:
+        plain = evaluate_similarity(similarity, groups, groups, exclude_self=True).as_dict()
+        if not align:
+            return plain, None
+        similarity = similarity.copy()
+        np.fill_diagonal(similarity, -np.inf)  # a track is not its own candidate
+        fused = realign(similarity, [chroma(q) for q in queries], chromas, stream)
+        return plain, evaluate_similarity(fused, groups, groups, exclude_self=True).as_dict()
+
+    plain, aligned = figures_of(whole @ whole.T, frames)
+    figures = {"whole_track": plain, "excerpts": {}}
+    with_alignment = {"whole_track": aligned, "excerpts": {}}
+    for seconds in tqdm(EXCERPT_SECONDS, desc=f"{name}: excerpts", unit="length"):
+        excerpts = [_excerpt(f, seconds) for f in frames]
+        queries = np.concatenate([embedder.embed(e[None].astype(np.float32)) for e in excerpts])
+        label = f"{seconds:g}s"
+        figures["excerpts"][label], with_alignment["excerpts"][label] = figures_of(_best_per_track(queries @ stacked.T, owners, len(frames)), excerpts)
+    if align:
+        figures["aligned"] = with_alignment
     return figures
+
+
+def realign(similarity: np.ndarray, query_chroma: list[np.ndarray], reference_chroma: list[np.ndarray], stream: StreamConfig) -> np.ndarray:
+    """(Q, C) embedding similarities -> the same with each query's `ALIGN_RERANK` best
+    candidates raised by the alignment term, as `coverwatch identify` scores them
+    (streamer/decide/alignment.py `fuse_scores`). Self-matches (-inf) stay out."""
+    fused = similarity.copy()
+    for q, row in enumerate(similarity):
+        finite = {int(c): float(row[c]) for c in np.argsort(-row)[:ALIGN_RERANK] if np.isfinite(row[c])}
+        for c, score in fuse_scores(finite, query_chroma[q], reference_chroma.__getitem__, identify_stream(stream), keys=ALIGN_KEYS).items():
+            fused[q, c] = score
+    return fused
 
 
 def chroma_figures(frames: list[np.ndarray], groups: np.ndarray) -> dict:
@@ -119,7 +147,10 @@ def evaluate_heldout(
         except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", path, exc)
     groups_arr = np.array(groups)
-    methods = {"model": model_figures(embedder, frames, groups_arr, "model")}
+    model = model_figures(embedder, frames, groups_arr, "model", StreamConfig())
+    methods = {"model": model}
+    if "aligned" in model:
+        methods["model + alignment (identify)"] = model.pop("aligned")
     if previous_model_dir is not None:
         previous = Embedder(previous_model_dir, threads)
         if previous.info.cqt_sha256 != embedder.info.cqt_sha256:

@@ -53,6 +53,10 @@ CORPUS_DIR = Path(importlib.util.find_spec("music21").origin).parent / "corpus"
 # Corpus collections reserved for held-out evaluation: never read them.
 RESERVED_COLLECTIONS = frozenset({"bach", "oneills1850", "ryansMammoth", "airdsAirs"})
 
+# Collections of the project's own leave-out cover set (coverwatch.model.leaveout): allowed,
+# but never for training data (`build_cover_dataset` refuses them).
+LEAVEOUT_COLLECTIONS = ("miscFolk",)
+
 # ABC collections used by default (both allowed). nottingham-dataset holds only 2 tunes
 # in music21's copy; essenFolksong holds ~8.5k.
 DEFAULT_COLLECTIONS = ("essenFolksong", "nottingham-dataset")

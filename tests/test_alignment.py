@@ -9,6 +9,8 @@ from coverwatch.streamer.config import StreamConfig
 from coverwatch.streamer.decide.alignment import (
     LOG_FLOOR,
     POOL_FRAMES,
+    STEP_RATE,
+    alignment_match,
     alignment_score,
     chroma,
     cross_recurrence,
@@ -107,3 +109,20 @@ def test_log_floor_matches_the_front_end():
     """chroma() undoes the front end's log(magnitude + floor); the two floors must agree."""
     frontend = pytest.importorskip("coverwatch.model.frontend")  # needs torch (the train extra)
     assert frontend.LOG_FLOOR == LOG_FLOOR
+
+
+def test_alignment_says_where_in_the_reference_a_window_ends():
+    """A window cut from the middle of a transposed, slower cover lines up with the
+    reference where its last step was taken from; positions never leave the reference."""
+    reference = melody_chroma(4, n_notes=120)
+    cover = np.roll(stretch(reference, 1.25), 3, axis=1)  # slower and in another key
+    found = []
+    for end in range(120, len(cover) - 40, 40):  # (the last window ends in the stretched final note)
+        window = cover[end - 100 : end]
+        score, position = alignment_match(window, reference, DELAY, NEIGHBOURS, keys=2)
+        truth = (end / 1.25) / STEP_RATE  # the reference step the window's last step was stretched from
+        assert score > 0.5 and position is not None and abs(position - truth) < 1.0, (end, score, position, truth)
+        found.append(position)
+    assert found == sorted(found)  # moves forward with the stream
+    unrelated = alignment_match(melody_chroma(5)[:100], reference, DELAY, NEIGHBOURS)
+    assert unrelated[1] is None or 0.0 <= unrelated[1] <= len(reference) / STEP_RATE

@@ -27,7 +27,10 @@ def test_evaluate_writes_report_and_plot_with_a_previous_model(random_model_dir,
     results = evaluate_heldout(manifest, random_model_dir, report, threads=1, previous_model_dir=random_model_dir)
     assert results["tracks"] == 6 and results["groups"] == 3
     methods = results["methods"]
-    assert set(methods) == {"model", f"previous model {results['model_hash']}", "chroma_2dftm", "random"}
+    aligned = "model + alignment (identify)"
+    assert set(methods) == {"model", aligned, f"previous model {results['model_hash']}", "chroma_2dftm", "random"}
+    # the untrained model ranks at chance; the melody alignment finds each tune's other version
+    assert methods[aligned]["whole_track"]["top1"] == 1.0 > methods["model"]["whole_track"]["top1"]
     assert methods["model"] == methods[f"previous model {results['model_hash']}"]  # the same model twice
     assert set(methods["model"]["excerpts"]) == {f"{s:g}s" for s in EXCERPT_SECONDS}
     assert all(0.0 <= m["whole_track"]["mAP"] <= 1.0 for m in methods.values())

@@ -1,5 +1,7 @@
 """The daemon's per-chunk path on real audio through the real ONNX graphs and FAISS."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -148,3 +150,24 @@ def test_default_model_finds_a_synthetic_cover(refs_csv, tmp_path):
     starts = [(e.song_id, e.stream_time_s) for e in events if e.event == "match_start"]
     assert starts and starts[0][0] == "song1" and 5.0 <= starts[0][1] <= 40.0
     assert all(song == "song1" for song, _ in starts)
+    # the cover plays the reference from its beginning at 1.1x: at the decision, this far in
+    first = next(e for e in events if e.event == "match_start")
+    expected = min(30.0, 1.1 * (first.stream_time_s - 5.0))
+    assert first.reference_offset_s is not None and abs(first.reference_offset_s - expected) < 3.0, (first.reference_offset_s, expected)
+
+
+def test_a_play_joined_mid_song_starts_at_its_reference_offset(refs_csv, tmp_path):
+    """A stream that joins song2 12 s in: the match_start says where in the reference it is."""
+    embedder = Embedder(DEFAULT_MODEL_DIR, threads=2)
+    build_index(read_refs(refs_csv), tmp_path / "idx", embedder, IndexBuildConfig())
+    store = load_index(tmp_path / "idx", expected_model_hash=embedder.info.model_hash)
+    monitor = Monitor(embedder, store, StreamConfig(), DecisionConfig())
+    joined = melody(2, 30.0, transpose=-2, harmonics=5)[12 * SAMPLE_RATE :]
+    stream = np.concatenate([melody(42, 20.0), joined, np.zeros(SAMPLE_RATE * 10, np.float32)])
+    events = feed(monitor, "radio", stream, SAMPLE_RATE, 11025) + ended(monitor, "radio")
+    first = next(e for e in events if e.event == "match_start")
+    assert first.song_id == "song2"
+    expected = 12.0 + (first.stream_time_s - 20.0)
+    # None where the decision's window followed no part of the reference to its end (a wrong key guess, say)
+    assert first.reference_offset_s is None or abs(first.reference_offset_s - expected) < 3.0, (first.reference_offset_s, expected)
+    assert json.loads(first.to_json())["reference_offset_s"] == (None if first.reference_offset_s is None else round(first.reference_offset_s, 3))

@@ -363,6 +363,7 @@ class Trace:
     scores: list[dict[int, float]]  # per hop {song row: score}
     song_ids: list[str]  # song row -> song_id
     plays: list[TruthPlay]
+    positions: list[dict[int, float]] = field(default_factory=list)  # per hop {song row: aligned reference time}
 
 
 def stream_trace(embedder, index, audio_path: Path, stream_cfg) -> Trace:
@@ -371,9 +372,10 @@ def stream_trace(embedder, index, audio_path: Path, stream_cfg) -> Trace:
     from coverwatch.streamer.frontend.decode import load_audio
 
     truth = json.loads(Path(audio_path).with_suffix(".json").read_text())
-    times, scores = hop_scores(embedder, index, load_audio(audio_path), stream_cfg)
+    positions: list[dict[int, float]] = []
+    times, scores = hop_scores(embedder, index, load_audio(audio_path), stream_cfg, positions)
     return Trace(
-        Path(audio_path).stem, float(truth["duration_s"]), times, scores, [s.song_id for s in index.songs], plays_from_truth(truth)
+        Path(audio_path).stem, float(truth["duration_s"]), times, scores, [s.song_id for s in index.songs], plays_from_truth(truth), positions
     )
 
 
@@ -381,8 +383,13 @@ def replay(trace: Trace, start: float, end: float, start_hops: int, end_hops: in
     """The daemon's hysteresis (coverwatch.streamer.decide.hysteresis) over a trace -> event dicts as the daemon writes them."""
     from coverwatch.streamer.decide.hysteresis import Hysteresis
 
-    decider = Hysteresis(start, end, start_hops, end_hops, history_hops)
-    decisions = [d for t, s in zip(trace.times, trace.scores) for d in decider.update(s, float(t))]
+    return replay_decider(trace, Hysteresis(start, end, start_hops, end_hops, history_hops))
+
+
+def replay_decider(trace: Trace, decider) -> list[dict]:
+    """Any decision layer (Hysteresis, Sequential) over a trace -> event dicts as the daemon writes them."""
+    positions = trace.positions or [None] * len(trace.scores)
+    decisions = [d for t, s, p in zip(trace.times, trace.scores, positions) for d in decider.update(s, float(t), p)]
     decisions += decider.reset(trace.duration_s)
     return [
         {

@@ -46,6 +46,7 @@ STEP_RATE = FRAME_RATE / POOL_FRAMES  # ~4.79 chroma steps per second
 GAP_ONSET = 5.0  # Qmax penalty for leaving a recurrence (Serra et al. 2009)
 GAP_EXTENSION = 0.5  # Qmax penalty per further step without recurrence
 MIN_STEPS = 8  # shorter sequences (under ~1.7 s) are not aligned: score 0
+MAX_EXTENSION_STEPS = 10  # a path ending further (~2 s) before the query's end gives no reference position
 
 
 def chroma(frames: np.ndarray) -> np.ndarray:
@@ -59,12 +60,19 @@ def chroma(frames: np.ndarray) -> np.ndarray:
     return folded.reshape(-1, POOL_FRAMES, BINS_PER_OCTAVE).mean(axis=1).astype(np.float32)
 
 
-def key_shift(query: np.ndarray, reference: np.ndarray) -> int:
-    """Roll (0..11) of the query's pitch classes whose global profile best matches the reference's."""
+def key_shifts(query: np.ndarray, reference: np.ndarray, n: int) -> list[int]:
+    """The `n` rolls (0..11) of the query's pitch classes whose global profile best matches
+    the reference's, best first."""
     q, r = query.sum(axis=0), reference.sum(axis=0)
     q = q / (q.max() + 1e-9)
     r = r / (r.max() + 1e-9)
-    return int(np.argmax([np.dot(np.roll(q, k), r) for k in range(BINS_PER_OCTAVE)]))
+    fit = np.array([np.dot(np.roll(q, k), r) for k in range(BINS_PER_OCTAVE)])
+    return [int(k) for k in np.argsort(-fit, kind="stable")[:n]]
+
+
+def key_shift(query: np.ndarray, reference: np.ndarray) -> int:
+    """Roll (0..11) of the query's pitch classes whose global profile best matches the reference's."""
+    return key_shifts(query, reference, 1)[0]
 
 
 def delay_embed(steps: np.ndarray, delay: int) -> np.ndarray:
@@ -85,8 +93,9 @@ def cross_recurrence(query: np.ndarray, reference: np.ndarray, neighbours: float
     return (similarity >= row_cut) & (similarity >= col_cut)
 
 
-def qmax(recurrence: np.ndarray) -> float:
-    """(Sq, Sr) bool cross recurrence -> length of the best local alignment path (Qmax).
+def qmax_path(recurrence: np.ndarray) -> tuple[float, int, int]:
+    """(Sq, Sr) bool cross recurrence -> (length of the best local alignment path (Qmax),
+    query step, reference step where that path ends).
 
     Q[i, j] grows by 1 along recurrences reached from (i-1, j-1), (i-2, j-1) or (i-1, j-2),
     and off them decays by GAP_ONSET after a recurrence and GAP_EXTENSION after a gap,
@@ -105,17 +114,46 @@ def qmax(recurrence: np.ndarray) -> float:
             np.maximum(fast - penalty[i - 1, :-2], 0.0),
         )
         q[i, 2:] = np.where(hit[i, 2:], on_path, off_path)
-    return float(q.max())
+    i, j = np.unravel_index(int(np.argmax(q)), q.shape)
+    return float(q[i, j]), int(i) - 2, int(j) - 2
+
+
+def qmax(recurrence: np.ndarray) -> float:
+    """(Sq, Sr) bool cross recurrence -> length of the best local alignment path (Qmax)."""
+    return qmax_path(recurrence)[0]
+
+
+def alignment_match(query: np.ndarray, reference: np.ndarray, delay: int, neighbours: float, keys: int = 1) -> tuple[float, float | None]:
+    """(Sq, 12), (Sr, 12) chroma -> (Qmax / query steps in [0, 1], reference time in s that
+    lines up with the query's last step, or None).
+
+    The score is 0 when either is too short or silent. `keys` transpositions are tried
+    (`key_shifts`, best profile fit first) and the longest path wins: on a short window the
+    global profiles can rank the right key second. The reference time extends the best
+    path from where it ends to the query's end at the reference's own pace; it is None
+    without a path or when the path ends more than MAX_EXTENSION_STEPS before the query
+    does (the window's end then follows no part of the reference)."""
+    if min(len(query), len(reference)) < max(MIN_STEPS, delay + 1) or not query.any() or not reference.any():
+        return 0.0, None
+    embedded_reference = delay_embed(reference, delay)
+    best = (0.0, 0, 0)
+    for shift in key_shifts(query, reference, keys):
+        embedded = delay_embed(np.roll(query, shift, axis=1), delay)
+        best = max(best, qmax_path(cross_recurrence(embedded, embedded_reference, neighbours)))
+    length, query_end, reference_end = best
+    if length <= 0:
+        return 0.0, None
+    score, extension = min(1.0, length / len(embedded)), len(embedded) - 1 - query_end
+    if extension > MAX_EXTENSION_STEPS:
+        return score, None
+    # an embedded step ends delay - 1 steps after it starts
+    reference_step = min(len(reference) - 1, reference_end + extension + delay - 1)
+    return score, (reference_step + 1) / STEP_RATE
 
 
 def alignment_score(query: np.ndarray, reference: np.ndarray, delay: int, neighbours: float) -> float:
     """(Sq, 12), (Sr, 12) chroma -> Qmax / query steps in [0, 1]; 0 when either is too short or silent."""
-    if min(len(query), len(reference)) < max(MIN_STEPS, delay + 1) or not query.any() or not reference.any():
-        return 0.0
-    rolled = np.roll(query, key_shift(query, reference), axis=1)
-    embedded = delay_embed(rolled, delay)
-    recurrence = cross_recurrence(embedded, delay_embed(reference, delay), neighbours)
-    return min(1.0, qmax(recurrence) / len(embedded))
+    return alignment_match(query, reference, delay, neighbours)[0]
 
 
 def align_frames(cfg: StreamConfig) -> int:
@@ -124,12 +162,22 @@ def align_frames(cfg: StreamConfig) -> int:
 
 
 def fuse_scores(
-    scores: dict[int, float], query: np.ndarray, song_chroma: Callable[[int], np.ndarray], cfg: StreamConfig
+    scores: dict[int, float],
+    query: np.ndarray,
+    song_chroma: Callable[[int], np.ndarray],
+    cfg: StreamConfig,
+    positions: dict[int, float] | None = None,
+    keys: int = 1,
 ) -> dict[int, float]:
     """One hop's {song row: embedding score} -> the same with the `align_candidates` best
     songs raised by align_weight * alignment of `query` ((S, 12) chroma of the last
-    align_window_s of audio) with `song_chroma(row)` ((S', 12)); other songs keep theirs."""
+    align_window_s of audio) with `song_chroma(row)` ((S', 12)); other songs keep theirs.
+    `positions`, if given, receives {row: reference time (s) at the query's end} for the
+    aligned songs that have one, and `keys` transpositions are tried (`alignment_match`)."""
     fused = dict(scores)
     for row in sorted(scores, key=scores.__getitem__, reverse=True)[: cfg.align_candidates]:
-        fused[row] = scores[row] + cfg.align_weight * alignment_score(query, song_chroma(row), cfg.align_delay, cfg.align_neighbours)
+        score, reference_s = alignment_match(query, song_chroma(row), cfg.align_delay, cfg.align_neighbours, keys)
+        fused[row] = scores[row] + cfg.align_weight * score
+        if positions is not None and reference_s is not None:
+            positions[row] = reference_s
     return fused

@@ -141,12 +141,21 @@ def p_value(calibration: dict, score: float) -> float | None:
 
 
 def fuse_hops(
-    scores: list[dict[int, float]], queries: list[np.ndarray | None], index: IndexStore, stream_cfg: StreamConfig
+    scores: list[dict[int, float]],
+    queries: list[np.ndarray | None],
+    index: IndexStore,
+    stream_cfg: StreamConfig,
+    positions: list[dict[int, float]] | None = None,
 ) -> list[dict[int, float]]:
-    """Per hop embedding scores and alignment-window chroma -> the daemon's fused scores."""
-    if stream_cfg.align_weight <= 0:
-        return scores
-    return [fuse_scores(s, q, index.song_chroma, stream_cfg) if s and q is not None else s for s, q in zip(scores, queries)]
+    """Per hop embedding scores and alignment-window chroma -> the daemon's fused scores;
+    `positions`, if given, receives one {song row: aligned reference time} per hop."""
+    fused = []
+    for s, q in zip(scores, queries):
+        hop_positions: dict[int, float] = {}
+        fused.append(fuse_scores(s, q, index.song_chroma, stream_cfg, hop_positions) if stream_cfg.align_weight > 0 and s and q is not None else s)
+        if positions is not None:
+            positions.append(hop_positions)
+    return fused
 
 
 def leaders(scores: list[dict[int, float]]) -> tuple[np.ndarray, np.ndarray]:

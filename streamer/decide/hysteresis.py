@@ -33,6 +33,14 @@ class Decision:
     started_s: float  # stream time at which this match started (== time_s for a start)
     play_start_s: float | None = None  # estimated stream time the play began
     play_end_s: float | None = None  # match_end: estimated stream time the play ended
+    reference_s: float | None = None  # match_start: reference time the stream lines up with at time_s (None: unknown)
+
+
+def end_decision(song: int, score: float, time_s: float, started_s: float, play_start_s: float, last_scored_s: float, lead_s: float) -> Decision:
+    """The match_end of `song`'s match, its play taken to end `lead_s` before the last hop it
+    scored (a song that faded kept scoring in windows still holding its last seconds, as at
+    the start; 0 for a switch), and never before the play began."""
+    return Decision("match_end", song, score, time_s, started_s, play_start_s, max(play_start_s, last_scored_s - lead_s))
 
 
 @dataclass
@@ -68,10 +76,7 @@ class Hysteresis:
         return decisions
 
     def _end(self, score: float, time_s: float, play_end_s: float) -> Decision:
-        # a song that faded kept scoring in windows still holding its last seconds: lead_s, as at the start
-        faded = play_end_s - self.lead_s if self.below else play_end_s
-        end = max(self.current_play_start_s, faded)
-        return Decision("match_end", self.current, score, time_s, self.current_started_s, self.current_play_start_s, end)
+        return end_decision(self.current, score, time_s, self.current_started_s, self.current_play_start_s, play_end_s, self.lead_s if self.below else 0.0)
 
     def restore(self, song: int | None, started_s: float) -> None:
         """An open match from a checkpoint; its play start is taken to be its start decision."""
@@ -101,8 +106,10 @@ class Hysteresis:
             if max(self.history[song]) == 0.0:
                 del self.history[song]
 
-    def update(self, scores: dict[int, float], time_s: float) -> list[Decision]:
-        """One hop: `scores` maps song index -> aggregated similarity (absent = not retrieved)."""
+    def update(self, scores: dict[int, float], time_s: float, positions: dict[int, float] | None = None) -> list[Decision]:
+        """One hop: `scores` maps song index -> aggregated similarity (absent = not retrieved);
+        `positions` song index -> the reference time the stream lines up with now, where the
+        alignment found one (a match_start carries its song's)."""
         self._remember(scores)
         for song in [s for s in self.rise_s if scores.get(s, float("-inf")) < self.end_threshold]:
             del self.rise_s[song]
@@ -133,7 +140,8 @@ class Hysteresis:
             self.current, self.current_started_s, self.below = top, time_s, 0
             self.current_play_start_s, self.last_above_s = self._play_start(top, time_s), time_s
             self.streak_song, self.streak = None, 0
-            decisions.append(Decision("match_start", top, top_score, time_s, time_s, self.current_play_start_s))
+            reference_s = (positions or {}).get(top)
+            decisions.append(Decision("match_start", top, top_score, time_s, time_s, self.current_play_start_s, reference_s=reference_s))
         return decisions
 
     def _play_start(self, song: int, time_s: float) -> float:

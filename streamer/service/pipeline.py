@@ -344,10 +344,11 @@ class Monitor:
         now = self.times.add("embed", started) if windows else started  # all-silent hops embed and search nothing
         scores = self.index.best_per_song_grouped(queries, owners, len(pending), self.stream_cfg.top_k)
         now = self.times.add("search", now) if windows else now
-        scores = fuse_hops(scores, [d.align_query for d in pending], self.index, self.stream_cfg)  # as the calibration does
+        positions: list[dict[int, float]] = []  # per hop: aligned songs' reference time at the hop
+        scores = fuse_hops(scores, [d.align_query for d in pending], self.index, self.stream_cfg, positions)  # as the calibration does
         now = self.times.add("align", now) if windows and self.stream_cfg.align_weight > 0 else now
-        for decision, song_scores in zip(pending, scores):
-            for made in decision.state.decider.update(song_scores, decision.time_s):
+        for decision, song_scores, hop_positions in zip(pending, scores, positions):
+            for made in decision.state.decider.update(song_scores, decision.time_s, hop_positions):
                 self._outbox.append((decision.tag, self._event(decision.state, made)))
         self.times.add("decide", now)
 
@@ -369,6 +370,7 @@ class Monitor:
             play_start_s=decision.play_start_s,
             play_start_wall_time=None if decision.play_start_s is None else utc_now_iso(decision.time_s - decision.play_start_s),
             duration_s=None if decision.play_end_s is None else decision.play_end_s - decision.play_start_s,
+            reference_offset_s=decision.reference_s,
         )
 
     def end_stream(self, stream_id: str, tag: object = None) -> list[tuple[object, MatchEvent]]:

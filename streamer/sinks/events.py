@@ -4,7 +4,7 @@
      "stream": "...", "song_id": "...", "title": "...", "metadata": {"artist": "...", "isrc": "..."},
      "score": 0.83, "stream_time_s": 61.3, "match_start_s": 61.3, "wall_time": "2026-11-29T01:02:03.456Z",
      "play_start_s": 44.8, "play_start_wall_time": "2026-11-29T01:01:46.956Z", "duration_s": null,
-     "p_value": 2.1e-06}
+     "p_value": 2.1e-06, "reference_offset_s": 17.2}
 
 `metadata` holds the reference's extra refs-CSV columns or file tags (artist, album, isrc,
 ...). `stream_time_s` is when the decision was taken and `match_start_s` when the match's
@@ -12,8 +12,11 @@ start was decided (the same on a match_start; it pairs a match_end with its star
 `play_start_s` is the estimated stream time at which the play itself began (earlier: the
 decision needs seconds of evidence; streamer/decide/hysteresis.py says how it is
 estimated), `play_start_wall_time` the same instant on the wall clock, and `duration_s`
-(match_end only) the play's estimated length. Version 1 events had neither `schema_version`
-nor the last four keys.
+(match_end only) the play's estimated length. `reference_offset_s` (match_start only) is
+the point of the reference recording that the stream is playing at `stream_time_s`, from
+the melody alignment (streamer/decide/alignment.py; null when the alignment is off or found
+no path): a play that joined a song mid-way starts at a large offset. Version 1 events
+had neither `schema_version` nor the last five keys.
 
 `score` is the fused score that decided: embedding cosine + `[stream] align_weight` x the
 alignment score (streamer/decide/alignment.py), so up to 1 + align_weight.
@@ -84,6 +87,7 @@ class MatchEvent:
     play_start_s: float | None = None  # estimated stream time the play began
     play_start_wall_time: str | None = None
     duration_s: float | None = None  # match_end: the play's estimated length
+    reference_offset_s: float | None = None  # match_start: where in the reference the stream is at stream_time_s
 
     def __post_init__(self) -> None:
         for name in ("stream", "song_id", "title"):  # what sinks encode (JSON lines, Kafka keys) must be valid UTF-8
@@ -95,7 +99,7 @@ class MatchEvent:
         escaped; `ascii_only` escapes all non-ASCII text too (for a stdout that is not UTF-8)."""
         record = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         record["score"] = _finite_or_none(round(self.score, 4))
-        for name in ("stream_time_s", "match_start_s", "play_start_s", "duration_s"):
+        for name in ("stream_time_s", "match_start_s", "play_start_s", "duration_s", "reference_offset_s"):
             value = getattr(self, name)
             record[name] = None if value is None else _finite_or_none(round(value, 3))
         # rounding to 3 significant digits turns the largest doubles into inf
