@@ -27,10 +27,11 @@ from coverwatch.streamer.decide.alignment import chroma
 from coverwatch.streamer.embed.embedder import Embedder
 from coverwatch.streamer.frontend.audio import AudioError, frames_to_seconds, seconds_to_frames
 from coverwatch.streamer.frontend.decode import load_audio
-from coverwatch.streamer.search.index_types import build_faiss_index, spec_for
+from coverwatch.streamer.search.index_types import build_catalog_index, spec_for
 from coverwatch.streamer.search.segments import WHOLE_TRACK_MAX_S, segment_spans
 from coverwatch.streamer.service.pipeline import resolve_thresholds
 from coverwatch.streamer.search.store import MANIFEST, IndexStore, SongEntry, load_index, pack_chroma, read_manifest, save_index
+from coverwatch.streamer.search.two_stage import TwoStageIndex
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,11 @@ def _assemble(
     stacked = np.concatenate(embedded.vectors).astype(np.float32)
     chroma_rows, chroma_offsets = pack_chroma(embedded.chroma)
     spec = spec_for(cfg.index_type, embedder.dim, len(stacked))
-    index = build_faiss_index(spec, stacked)
+    vector_song = np.concatenate([np.full(len(v), i, dtype=np.int32) for i, v in enumerate(embedded.vectors)])
     store = IndexStore(
-        faiss_index=index,
+        faiss_index=build_catalog_index(spec, stacked, vector_song, len(songs)),
         songs=songs,
-        vector_song=np.concatenate([np.full(len(v), i, dtype=np.int32) for i, v in enumerate(embedded.vectors)]),
+        vector_song=vector_song,
         vector_span=np.concatenate(embedded.spans),
         model_hash=embedder.info.model_hash,
         settings={
@@ -228,7 +229,11 @@ def add_to_index(
     else:
         first_song = len(store.songs)
         new_rows = np.concatenate([np.full(len(v), first_song + i, dtype=np.int32) for i, v in enumerate(embedded.vectors)])
-        store.faiss_index.add(np.concatenate(embedded.vectors).astype(np.float32))
+        added = np.concatenate(embedded.vectors).astype(np.float32)
+        if isinstance(store.faiss_index, TwoStageIndex):
+            store.faiss_index.add_songs(added, new_rows)
+        else:
+            store.faiss_index.add(added)
         store.songs.extend(new_songs)
         store.vector_song = np.concatenate([store.vector_song, new_rows])
         store.vector_span = np.concatenate([store.vector_span, *embedded.spans])

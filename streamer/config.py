@@ -142,7 +142,7 @@ class ServiceConfig:
 
 
 # FAISS index types `index build` accepts; streamer/search/index_types.py builds them
-INDEX_TYPE_CHOICES = ("auto", "flat", "hnsw", "ivf", "ivf_sq8", "ivf_pq", "opq_ivf_pq")
+INDEX_TYPE_CHOICES = ("auto", "flat", "hnsw", "ivf", "ivf_sq8", "ivf_pq", "opq_ivf_pq", "two_stage")
 
 
 @dataclass(frozen=True)

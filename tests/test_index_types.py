@@ -45,7 +45,10 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact)]))
 
 
-@pytest.mark.parametrize("index_type", INDEX_TYPES)
+FAISS_TYPES = tuple(t for t in INDEX_TYPES if t != "two_stage")  # two_stage: tests/test_two_stage.py
+
+
+@pytest.mark.parametrize("index_type", FAISS_TYPES)
 def test_each_type_builds_searches_and_round_trips(index_type, catalog, tmp_path):
     spec = spec_for(index_type, DIM, len(catalog))
     assert spec.index_type == index_type and spec.chosen_by == "config"

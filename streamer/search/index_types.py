@@ -8,6 +8,8 @@ Every type is an inner-product index over L2-normalised D-dim embeddings:
     ivf_sq8   IVF with 8-bit scalar-quantised vectors; D bytes per vector
     ivf_pq    IVF with product-quantised vectors (PQ_SUBVECTOR_DIMS dims per byte); D/8 bytes
     opq_ivf_pq  ivf_pq behind a learned OPQ rotation (better codes, slower to build)
+    two_stage HNSW over one vector a song, then the candidates' segments re-ranked from 8-bit
+              residual codes (streamer/search/two_stage.py); D bytes a segment + ~2.3 kB a song
 
 `spec_for(type, dim, n_vectors)` turns a type (or "auto") and the catalog size into an
 IndexSpec: the faiss factory string plus the search-time parameters. The spec is written
@@ -29,6 +31,7 @@ import faiss
 import numpy as np
 
 from coverwatch.streamer.config import INDEX_TYPE_CHOICES
+from coverwatch.streamer.search.two_stage import TwoStageIndex, TwoStageParams
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,13 @@ INDEX_TYPES = tuple(t for t in TYPE_CHOICES if t != "auto")
 HNSW_M = 32  # graph neighbours per node: ~2*M*4 bytes of links per vector
 HNSW_EF_CONSTRUCTION = 80  # build-time beam: 100k vectors in ~44 CPU s on the shared 2 cores
 HNSW_EF_SEARCH = 128  # query beam: recall@10 0.976 at 10k songs (64: 0.916, 256: 0.995), 0.76 ms single query
+
+# two_stage: stage-1 songs re-ranked, and the stage-1 beam. Measured with bench/bench_index.py's
+# catalog (bench/RESULTS.md, "Index types"): at 100k songs recall@10 is 0.941 / 0.956 / 0.962 with
+# 25 / 50 / 100 candidates at efSearch 128, and 0.957 / 0.974 / 0.981 at efSearch 256 (1.3 ms a
+# single query with 100); the misses are songs whose one close segment sits far from its mean.
+TWO_STAGE_CANDIDATES = 100
+TWO_STAGE_EF_SEARCH = 256
 
 IVF_LISTS_PER_SQRT = 4  # nlist ~ 4 * sqrt(n_vectors) (power of two), the usual FAISS range
 IVF_MAX_LISTS = 2048  # assigning 10M vectors to 2048 lists is ~21 TFLOP (~5 min on 2 idle cores); 4096 doubles it
@@ -79,6 +89,7 @@ class IndexSpec:
     nlist: int = 0  # IVF lists (0: not IVF)
     nprobe: int = 0  # IVF lists scanned per query
     ef_search: int = 0  # HNSW beam width at query time (0: not HNSW)
+    candidates: int = 0  # two_stage: songs whose segments are re-ranked (0: not two_stage)
     chosen_by: str = "config"  # "config" or "auto (<n> vectors)"
 
     def to_settings(self) -> dict:
@@ -123,6 +134,11 @@ def spec_for(index_type: str, dim: int, n_vectors: int) -> IndexSpec:
         return IndexSpec("flat", "Flat", chosen_by=chosen_by)
     if index_type == "hnsw":
         return IndexSpec("hnsw", f"HNSW{HNSW_M},Flat", ef_search=HNSW_EF_SEARCH, chosen_by=chosen_by)
+    if index_type == "two_stage":
+        return IndexSpec(
+            "two_stage", f"songs HNSW{HNSW_M},Flat + segments residual SQ8", ef_search=TWO_STAGE_EF_SEARCH,
+            candidates=TWO_STAGE_CANDIDATES, chosen_by=chosen_by,
+        )
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r} (expected one of {', '.join(TYPE_CHOICES)})")
     nlist = ivf_lists(n_vectors)
@@ -146,8 +162,12 @@ def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
         faiss.downcast_index(index).hnsw.efSearch = spec.ef_search
 
 
+def two_stage_params(spec: IndexSpec) -> TwoStageParams:
+    return TwoStageParams(HNSW_M, HNSW_EF_CONSTRUCTION, spec.ef_search, spec.candidates)
+
+
 def make_index(spec: IndexSpec, dim: int) -> faiss.Index:
-    """An empty (untrained) inner-product index for `spec`."""
+    """An empty (untrained) inner-product FAISS index for `spec` (not two_stage: see build_catalog_index)."""
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if spec.ef_search:
         faiss.downcast_index(index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
@@ -249,3 +269,10 @@ def build_faiss_index(spec: IndexSpec, vectors: np.ndarray, seed: int = 0) -> fa
         train_index(index, spec, training_sample(vectors, spec, seed), seed)
     add_vectors(index, vectors)
     return index
+
+
+def build_catalog_index(spec: IndexSpec, vectors: np.ndarray, vector_song: np.ndarray, n_songs: int) -> faiss.Index | TwoStageIndex:
+    """The search index of a catalog: (V, D) float32 unit vectors, (V,) song row of each."""
+    if spec.index_type == "two_stage":
+        return TwoStageIndex.build(vectors, vector_song, n_songs, two_stage_params(spec))
+    return build_faiss_index(spec, vectors)

@@ -12,6 +12,10 @@ written atomically.
                                       float16 (steps, 12) rows one song after another; the
                                       manifest's `chroma_offsets` say where each song starts
                                       (~115 bytes a second of audio: 28 kB a 4-min song)
+    INDEX_DIR/codes-<sha12>.npy       two_stage only (streamer/search/two_stage.py): (V, D)
+                                      uint8 segment residual codes; the FAISS file then holds
+                                      the song-level graph, and the manifest's `two_stage`
+                                      entry the codes' quantiser
 
 A write puts each new data file under a temporary name, fsyncs it and renames it to its
 content-addressed name, then writes manifest.json the same way (temporary file, fsync,
@@ -36,6 +40,7 @@ import faiss
 import numpy as np
 
 from coverwatch.streamer.embed.artifacts import ArtifactError, ModelInfo, atomic_write, canonical_sha256, fsync_dir, sha256_file
+from coverwatch.streamer.search.two_stage import ResidualQuantizer, TwoStageIndex
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class SongEntry:
 class IndexStore:
     """A loaded index: FAISS + the vector and song tables."""
 
-    faiss_index: faiss.Index
+    faiss_index: faiss.Index | TwoStageIndex  # what `search` asks; vector id = row of the vector table
     songs: list[SongEntry]
     vector_song: np.ndarray  # (V,) int32 row in `songs` per vector
     vector_span: np.ndarray  # (V, 2) float32 segment start/end in seconds
@@ -130,6 +135,12 @@ def pack_chroma(per_song: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return packed.reshape(-1, 12), offsets
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to exactly `path` (np.save given a name appends ".npy"; a handle keeps the temporary name)."""
+    with path.open("wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+
+
 def _write_content_addressed(index_dir: Path, prefix: str, suffix: str, write: Callable[[Path], None]) -> tuple[str, str]:
     """Write a file through `write(tmp_path)`, fsync it and rename it to prefix-<sha12>suffix.
 
@@ -149,9 +160,15 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
     """Write `store` into index_dir atomically (see module docstring)."""
     index_dir.mkdir(parents=True, exist_ok=True)
     # FAISS writes straight to the file: a large index is never held twice in memory.
-    faiss_name, faiss_digest = _write_content_addressed(
-        index_dir, "vectors", ".faiss", lambda p: faiss.write_index(store.faiss_index, str(p))
-    )
+    two_stage = store.faiss_index if isinstance(store.faiss_index, TwoStageIndex) else None
+    graph = two_stage.song_index if two_stage else store.faiss_index  # two_stage: FAISS holds the song graph
+    faiss_name, faiss_digest = _write_content_addressed(index_dir, "vectors", ".faiss", lambda p: faiss.write_index(graph, str(p)))
+    live = {faiss_name}
+    extra = {}
+    if two_stage:
+        codes_name, codes_digest = _write_content_addressed(index_dir, "codes", ".npy", lambda p: _save_npy(p, np.asarray(two_stage.codes)))
+        live.add(codes_name)
+        extra["two_stage"] = {"codes_file": codes_name, "codes_sha256": codes_digest, "quantizer": two_stage.quantizer.to_dict()}
     table = vector_table_bytes(store.vector_song, store.vector_span)
     table_name, table_digest = _write_content_addressed(index_dir, "table", ".npy", lambda p: p.write_bytes(table))
     chroma = npy_bytes(np.ascontiguousarray(store.chroma, dtype=np.float16))
@@ -171,15 +188,17 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
         "chroma_offsets": store.chroma_offsets.tolist(),
         "n_vectors": int(store.n_vectors),
         "songs": [vars(s) for s in store.songs],
+        **extra,
     }
     manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")
     atomic_write(index_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     fsync_dir(index_dir)
-    live = {faiss_name, table_name, chroma_name}
+    live |= {table_name, chroma_name}
     for stale in [
         *index_dir.glob("vectors-*.faiss"),
         *index_dir.glob("table-*.npy"),
         *index_dir.glob("chroma-*.npy"),
+        *index_dir.glob("codes-*.npy"),
     ]:  # only now unreferenced
         if stale.name not in live:
             stale.unlink(missing_ok=True)
@@ -244,6 +263,12 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         n_vectors = int(manifest["n_vectors"])
         chroma_path, chroma_digest = index_dir / manifest["chroma_file"], manifest["chroma_sha256"]
         chroma_offsets = np.asarray(manifest["chroma_offsets"], dtype=np.int64)
+        two_stage = manifest.get("two_stage")
+        data_files = [(faiss_path, digest), (table_path, table_digest), (chroma_path, chroma_digest)]
+        if two_stage is not None:
+            codes_path = index_dir / two_stage["codes_file"]
+            data_files.append((codes_path, two_stage["codes_sha256"]))
+            quantizer = ResidualQuantizer.from_dict(two_stage["quantizer"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{index_dir / MANIFEST}: index manifest is missing or has malformed fields ({exc})") from None
     if expected_model_hash is not None and model_hash != expected_model_hash:
@@ -251,7 +276,7 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
             f"{index_dir}: index was built with model {model_hash}, but the loaded model is {expected_model_hash}; "
             "rebuild the index with this model (`coverwatch index build`)"
         )
-    for data_path, data_digest in ((faiss_path, digest), (table_path, table_digest), (chroma_path, chroma_digest)):
+    for data_path, data_digest in data_files:
         if not data_path.is_file():
             raise ArtifactError(f"{data_path}: file named by the manifest is missing")
         if sha256_file(data_path) != data_digest:
@@ -264,6 +289,9 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP if mmap else 0)
     except RuntimeError as exc:
         raise ArtifactError(f"{faiss_path}: FAISS cannot read the index ({exc})") from None
+    song_rows = table["song"].astype(np.int32)
+    if two_stage is not None:
+        index = _two_stage_index(index_dir, index, codes_path, quantizer, song_rows, len(songs), manifest.get("settings", {}), mmap)
     if index.ntotal != n_vectors:
         raise ArtifactError(f"{index_dir}: FAISS holds {index.ntotal} vectors but the manifest counts {n_vectors}")
     recorded_dim = manifest.get("model", {}).get("embedding_dim", index.d)
@@ -277,7 +305,6 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         or np.any(np.diff(chroma_offsets) < 0)
     ):
         raise ArtifactError(f"{index_dir / MANIFEST}: chroma_offsets do not describe {len(songs)} songs in {len(chroma)} chroma rows")
-    song_rows = table["song"].astype(np.int32)
     if len(song_rows) and (song_rows.min() < 0 or song_rows.max() >= len(songs)):
         raise ArtifactError(f"{index_dir / MANIFEST}: a vector points to a song that is not listed")
     return IndexStore(
@@ -291,3 +318,22 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         chroma,
         chroma_offsets,
     )
+
+
+def _two_stage_index(
+    index_dir: Path, graph: faiss.Index, codes_path: Path, quantizer: ResidualQuantizer, song_rows: np.ndarray,
+    n_songs: int, settings: dict, mmap: bool,
+) -> TwoStageIndex:
+    """The two_stage index of a manifest: its song graph (the FAISS file) and segment codes."""
+    if graph.ntotal != n_songs:
+        raise ArtifactError(f"{index_dir}: the song graph holds {graph.ntotal} songs but the manifest lists {n_songs}")
+    try:
+        codes = np.load(codes_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{codes_path}: not a readable codes file ({exc})") from None
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != graph.d or quantizer.low.shape != (graph.d,):
+        raise ArtifactError(f"{codes_path}: codes have dtype {codes.dtype} and shape {codes.shape}, expected uint8 (vectors, {graph.d})")
+    try:
+        return TwoStageIndex(graph, codes, quantizer, song_rows, int(settings.get("index", {}).get("candidates", 0)) or 1)
+    except ValueError as exc:
+        raise ArtifactError(f"{index_dir}: {exc}") from None
