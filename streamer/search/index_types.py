@@ -42,12 +42,17 @@ HNSW_M = 32  # graph neighbours per node: ~2*M*4 bytes of links per vector
 HNSW_EF_CONSTRUCTION = 80  # build-time beam: 100k vectors in ~44 CPU s on the shared 2 cores
 HNSW_EF_SEARCH = 128  # query beam: recall@10 0.976 at 10k songs (64: 0.916, 256: 0.995), 0.76 ms single query
 
-# two_stage: stage-1 songs re-ranked, and the stage-1 beam. Measured with bench/bench_index.py's
-# catalog (bench/RESULTS.md, "Index types"): at 100k songs recall@10 is 0.941 / 0.956 / 0.962 with
-# 25 / 50 / 100 candidates at efSearch 128, and 0.957 / 0.974 / 0.981 at efSearch 256 (1.3 ms a
-# single query with 100); the misses are songs whose one close segment sits far from its mean.
+# two_stage: stage-1 songs re-ranked, and the stage-1 beam, by catalog size. Measured with
+# bench/bench_two_stage.py (bench/RESULTS.md, "Two-stage search"), recall@10 against exact search:
+#   100k songs (1M vectors): efSearch 256 / 100 candidates 0.980, 1.41 ms a single query (p99 4.8);
+#   1M songs (10M vectors): the same 0.925 (2.27 ms); efSearch 512 / 200 candidates 0.967, 4.14 ms
+#   (p99 5.4). The misses at 1M are stage-1 misses (more candidates at efSearch 256 gain 0.002),
+#   so large catalogs get the wider beam.
 TWO_STAGE_CANDIDATES = 100
 TWO_STAGE_EF_SEARCH = 256
+TWO_STAGE_LARGE_VECTORS = 3_000_000  # from here on (~300k songs) the wider beam below
+TWO_STAGE_LARGE_CANDIDATES = 200
+TWO_STAGE_LARGE_EF_SEARCH = 512
 
 IVF_LISTS_PER_SQRT = 4  # nlist ~ 4 * sqrt(n_vectors) (power of two), the usual FAISS range
 IVF_MAX_LISTS = 2048  # assigning 10M vectors to 2048 lists is ~21 TFLOP (~5 min on 2 idle cores); 4096 doubles it
@@ -73,9 +78,10 @@ OPQ_TRAIN_POINTS = 16_384  # rows the OPQ rotation is fitted on (FAISS default 6
 #    the < 5 ms per query target only up to ~15k vectors;
 #  * hnsw: 0.76 ms per query and recall 0.976 at 99k vectors, 2.2 KB per vector (4.4 GB at 2M,
 #    within the 8 GiB budget) but ~44 CPU s per 100k vectors to build: up to 2M vectors;
-#  * beyond that ivf_sq8: 512 B per vector (10M vectors = 5.1 GB, memory-mapped), recall 0.967
-#    at nprobe = nlist/4. ivf_pq is smaller (64 B per vector) but its codes cap recall@10 at
-#    0.47 here (top-1 0.233 vs 0.328 exact), so `auto` never picks it.
+#  * beyond that two_stage: 512 B per segment (memory-mapped) + ~2.3 kB per song, recall@10 0.967
+#    at 1M songs / 10M vectors in 4.1 ms a query (bench/RESULTS.md, "Two-stage search"), where
+#    ivf_sq8 (same 512 B per vector) needs 314 ms for 0.983. ivf_pq is smaller (64 B per vector)
+#    but its codes cap recall@10 at 0.47 here (top-1 0.233 vs 0.328 exact), so `auto` never picks it.
 AUTO_FLAT_MAX_VECTORS = 15_000
 AUTO_HNSW_MAX_VECTORS = 2_000_000
 
@@ -102,7 +108,7 @@ def auto_type(n_vectors: int) -> str:
         return "flat"
     if n_vectors <= AUTO_HNSW_MAX_VECTORS:
         return "hnsw"
-    return "ivf_sq8"
+    return "two_stage"
 
 
 def ivf_lists(n_vectors: int) -> int:
@@ -135,9 +141,11 @@ def spec_for(index_type: str, dim: int, n_vectors: int) -> IndexSpec:
     if index_type == "hnsw":
         return IndexSpec("hnsw", f"HNSW{HNSW_M},Flat", ef_search=HNSW_EF_SEARCH, chosen_by=chosen_by)
     if index_type == "two_stage":
+        large = n_vectors >= TWO_STAGE_LARGE_VECTORS
         return IndexSpec(
-            "two_stage", f"songs HNSW{HNSW_M},Flat + segments residual SQ8", ef_search=TWO_STAGE_EF_SEARCH,
-            candidates=TWO_STAGE_CANDIDATES, chosen_by=chosen_by,
+            "two_stage", f"songs HNSW{HNSW_M},Flat + segments residual SQ8",
+            ef_search=TWO_STAGE_LARGE_EF_SEARCH if large else TWO_STAGE_EF_SEARCH,
+            candidates=TWO_STAGE_LARGE_CANDIDATES if large else TWO_STAGE_CANDIDATES, chosen_by=chosen_by,
         )
     if index_type not in INDEX_TYPES:
         raise ValueError(f"unknown index type {index_type!r} (expected one of {', '.join(TYPE_CHOICES)})")
