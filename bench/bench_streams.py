@@ -82,6 +82,7 @@ class Run:
     latency_ms: np.ndarray  # per chunk
     deciding: np.ndarray  # per chunk: True when the chunk made a decision due
     state_mb: float = float("nan")  # per stream
+    stages: dict = dataclasses.field(default_factory=dict)  # wall s per Monitor stage (batched/unbatched)
 
     @property
     def rtf(self) -> float:
@@ -135,6 +136,7 @@ def run_monitor(
     held = sum(state_bytes(state) for state in monitor.streams.values()) / n / 2**20
     chunk = int(CHUNK_S * SAMPLE_RATE)
     latencies, deciding = [], []
+    stages0 = dict(monitor.times.seconds)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(round(timed_s / CHUNK_S)):
         submitted = []
@@ -160,7 +162,8 @@ def run_monitor(
             latencies.extend(done - t for t in submitted)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     monitor.streams.clear()
-    return Run(mode, n, n * timed_s, wall, cpu, np.array(latencies) * 1000, np.array(deciding), held)
+    stages = {k: v - stages0.get(k, 0.0) for k, v in monitor.times.seconds.items()}
+    return Run(mode, n, n * timed_s, wall, cpu, np.array(latencies) * 1000, np.array(deciding), held, stages)
 
 
 class NaiveStream:
@@ -264,6 +267,8 @@ def to_markdown(
             f"| {r.state_mb:.2f} | {'' if np.isnan(gain) else f'{gain:.1f}x'} |"
         )
     keeps = [n for n, r in batched.items() if r.rtf >= n]
+    widest = batched[max(batched)] if batched else None
+    split = ", ".join(f"{k} {100 * v / sum(widest.stages.values()):.0f} %" for k, v in sorted(widest.stages.items(), key=lambda kv: -kv[1])) if widest and widest.stages else "n/a"
     if poll_records == 0:
         batch_rule = "one batch per round of chunks, so it includes the round"
     else:
@@ -286,7 +291,8 @@ the whole run (model, index, all streams): {rss_gb:.2f} GiB.
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Largest N measured that keeps up in real time (batched): {max(keeps) if keeps else "none"}.
+Largest N measured that keeps up in real time (batched): {max(keeps) if keeps else "none"}. Wall time by stage at
+N = {widest.streams if widest else "n/a"} (batched): {split}.
 
 ![streams scaling]({plot_name})
 """
