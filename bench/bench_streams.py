@@ -298,6 +298,22 @@ N = {widest.streams if widest else "n/a"} (batched): {split}.
 """
 
 
+def prepare(cfg: Config, workdir: Path) -> tuple[Monitor, np.ndarray, float, list]:
+    """The demo index and stream, a Monitor as the daemon builds it, and the steady-state
+    stream templates: (monitor, stream audio at SAMPLE_RATE, warm-up seconds, templates)."""
+    ensure_demo_data(workdir)
+    index_dir = ensure_demo_index(workdir, cfg)
+    embedder = Embedder(DEFAULT_MODEL_DIR, cfg.model.threads)
+    monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision, batch_size=cfg.model.batch_size)
+    import faiss
+
+    faiss.omp_set_num_threads(cfg.index.threads)
+    audio, rate = soundfile.read(workdir / "stream.wav", dtype="float32", always_2d=True)
+    audio = soxr.resample(audio.mean(axis=1), rate, SAMPLE_RATE).astype(np.float32)
+    warm_s = max(cfg.stream.windows_s) + cfg.stream.hop_s
+    return monitor, audio, warm_s, warm_templates(monitor, audio, warm_s, n_phases(cfg))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=default_workdir())
@@ -324,17 +340,7 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, threads=args.threads))
     if args.hop_s:
         cfg = dataclasses.replace(cfg, stream=dataclasses.replace(cfg.stream, hop_s=args.hop_s))
-    ensure_demo_data(args.workdir)
-    index_dir = ensure_demo_index(args.workdir, cfg)
-    embedder = Embedder(DEFAULT_MODEL_DIR, cfg.model.threads)
-    monitor = Monitor(embedder, load_index(index_dir, embedder.info.model_hash), cfg.stream, cfg.decision, batch_size=cfg.model.batch_size)
-    import faiss
-
-    faiss.omp_set_num_threads(cfg.index.threads)
-    audio, rate = soundfile.read(args.workdir / "stream.wav", dtype="float32", always_2d=True)
-    audio = soxr.resample(audio.mean(axis=1), rate, SAMPLE_RATE).astype(np.float32)
-    warm_s = max(cfg.stream.windows_s) + cfg.stream.hop_s
-    templates = warm_templates(monitor, audio, warm_s, n_phases(cfg))
+    monitor, audio, warm_s, templates = prepare(cfg, args.workdir)
     runs = []
     for n in args.streams:
         modes = ["batched"] + (["unbatched"] if n <= args.unbatched_up_to else [])

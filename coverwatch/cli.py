@@ -280,7 +280,7 @@ def cmd_report(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
-BENCHMARKS = ("streams", "stream", "model", "index", "store", "kafka", "soak", "separation")
+BENCHMARKS = ("targets", "streams", "stream", "model", "index", "two_stage", "store", "kafka", "soak", "separation")
 
 
 def cmd_bench(args: argparse.Namespace, cfg: Config) -> ExitCode:
