@@ -11,13 +11,17 @@ from coverwatch.streamer.decide.alignment import (
     POOL_FRAMES,
     STEP_RATE,
     alignment_match,
+    alignment_matches,
     alignment_score,
     chroma,
     cross_recurrence,
     delay_embed,
+    embedded_similarity,
     fuse_scores,
     key_shift,
     qmax,
+    qmax_path,
+    qmax_paths,
 )
 from coverwatch.streamer.frontend.audio import N_BINS
 
@@ -88,6 +92,35 @@ def test_cross_recurrence_is_mutual():
     assert both.shape == (len(q), len(r))
     assert both.sum() <= int(NEIGHBOURS * len(r)) * len(q)  # never more than each row's neighbours (ties aside)
     np.testing.assert_array_equal(both, cross_recurrence(r, q, NEIGHBOURS).T)
+
+
+def test_embedded_similarity_is_the_cosine_of_delay_embedded_rows():
+    q, r = melody_chroma(1), melody_chroma(2, n_notes=60)
+    for delay in (1, DELAY, 13):
+        expected = delay_embed(q, delay) @ delay_embed(r, delay).T
+        np.testing.assert_allclose(embedded_similarity(q, r, delay), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_candidates_aligned_together_score_as_each_alone():
+    reference = melody_chroma(1)
+    excerpt = stretch(np.roll(reference[30:110], 4, axis=1), 1.2)
+    # the excerpt runs from the end of reference[:70] on into reference[70:], side by side in the table
+    candidates = [reference[:70], reference[70:], melody_chroma(3), reference[:5], np.zeros_like(reference), reference]
+    for keys in (1, 3):
+        together = alignment_matches(excerpt, candidates, DELAY, NEIGHBOURS, keys)
+        assert together == [alignment_match(excerpt, c, DELAY, NEIGHBOURS, keys) for c in candidates]
+    assert together[5][0] > max(together[0][0], together[1][0]) and together[3] == (0.0, None) and together[4] == (0.0, None)
+
+
+def test_qmax_paths_keep_candidates_apart():
+    # one table holds all candidates: a path ending at one's last column must not run on into the next
+    ends_at_edge = np.zeros((20, 10), dtype=bool)
+    ends_at_edge[np.arange(10), np.arange(10)] = True  # rows 0-9 reach the last column
+    starts_at_edge = np.zeros((20, 10), dtype=bool)
+    starts_at_edge[np.arange(11, 17), np.arange(6)] = True  # rows 11-16 from the first column on
+    alone = [qmax_path(ends_at_edge), qmax_path(starts_at_edge)]
+    assert [a[0] for a in alone] == [10, 6]
+    assert qmax_paths([ends_at_edge, starts_at_edge]) == alone
 
 
 def test_fuse_scores_raises_only_the_best_candidates():

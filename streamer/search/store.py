@@ -136,7 +136,8 @@ def pack_chroma(per_song: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to exactly `path` (np.save given a name appends ".npy"; a handle keeps the temporary name)."""
+    """np.save to exactly `path`, streamed (the codes run to GBs: `npy_bytes` would hold them twice).
+    Through a handle, since np.save given a name appends ".npy" to the temporary name."""
     with path.open("wb") as fh:
         np.save(fh, array, allow_pickle=False)
 

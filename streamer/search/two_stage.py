@@ -156,7 +156,8 @@ class TwoStageIndex:
 
     def song_vectors(self, rows: np.ndarray) -> np.ndarray:
         """(R,) song rows -> (R, D) float32 stage-1 song vectors."""
-        return np.stack([self.song_index.reconstruct(int(r)) for r in rows]) if len(rows) else np.zeros((0, self.d), np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.song_index.reconstruct_batch(rows) if len(rows) else np.zeros((0, self.d), np.float32)
 
     def add_songs(self, vectors: np.ndarray, vector_song: np.ndarray) -> None:
         """Append the (V, D) segment vectors of new songs (rows n_songs, n_songs + 1, ...).
