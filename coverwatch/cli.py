@@ -19,7 +19,7 @@ from pathlib import Path
 from kafka.errors import KafkaError
 
 import coverwatch
-from coverwatch.index_builder.refs import RefsError, read_refs
+from coverwatch.index_builder.refs import RefsError, keep_shard, read_refs
 from coverwatch.streamer.config import INDEX_TYPE_CHOICES, Config, ConfigError, load_config, override, replace_section
 from coverwatch.streamer.embed.artifacts import ArtifactError, resolve_model_dir
 from coverwatch.streamer.frontend.audio import AudioError
@@ -107,10 +107,10 @@ def _embedder(cfg: Config):
 
 def cmd_identify(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from coverwatch.streamer.search.identify import identify_file
-    from coverwatch.streamer.search.store import load_index
+    from coverwatch.streamer.search.shards import open_catalog
 
     embedder = _embedder(cfg)
-    index = load_index(Path(cfg.index.path), expected_model_hash=embedder.info.model_hash)
+    index = open_catalog(Path(cfg.index.path), expected_model_hash=embedder.info.model_hash)
     failed = 0
     for path in args.files:
         try:
@@ -144,13 +144,16 @@ def cmd_index(args: argparse.Namespace, cfg: Config) -> ExitCode:
     if args.index_command == "remove":
         target = _index_dir(args, cfg)
         store = remove_from_index(target, args.song_ids, embedder, cfg.index_build, cfg.stream)
-    elif args.index_command == "build":
+    else:
+        refs = read_refs(Path(args.refs))
+        refs = keep_shard(refs, args.shard) if args.shard else refs
+    if args.index_command == "build":
         build_cfg = cfg.index_build if not args.type else replace_section(cfg, "index_build", index_type=args.type).index_build
         target = Path(args.out)
-        store, skipped = build_index(read_refs(Path(args.refs)), target, embedder, build_cfg, cfg.stream, args.force, args.skip_errors)
-    else:
+        store, skipped = build_index(refs, target, embedder, build_cfg, cfg.stream, args.force, args.skip_errors)
+    elif args.index_command == "add":
         target = _index_dir(args, cfg)
-        store, skipped = add_to_index(target, read_refs(Path(args.refs)), embedder, cfg.index_build, cfg.stream, args.replace, args.skip_errors)
+        store, skipped = add_to_index(target, refs, embedder, cfg.index_build, cfg.stream, args.replace, args.skip_errors)
     summary = {"index_dir": str(target), "songs": len(store.songs), "vectors": store.n_vectors, "calibration": store.calibration}
     if args.index_command != "remove":
         summary["skipped"] = [dataclasses.asdict(s) for s in skipped]
@@ -272,6 +275,32 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_shard(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    from coverwatch.streamer.search.shards import ShardedCatalog, serve_shard, write_catalog
+
+    if args.shard_command == "serve":
+        server = serve_shard(_index_dir(args, cfg), args.host, args.port)
+        print(json.dumps({"url": f"http://{args.host}:{server.server_port}", "songs": len(server.store.songs)}), flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+        return ExitCode.OK
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists: pass --force to replace it (its calibration is lost)")
+    write_catalog(out, args.urls)
+    try:
+        catalog = ShardedCatalog(out, _embedder(cfg).info.model_hash)  # every shard answers, one model, no song twice
+    except Exception:
+        out.unlink(missing_ok=True)
+        raise
+    write_catalog(out, catalog.urls, {}, catalog.shard_manifests)
+    print(json.dumps({"catalog": str(out), "shards": len(catalog.urls), "songs": len(catalog.songs), "vectors": catalog.n_vectors}))
+    catalog.close()
+    return ExitCode.OK
+
+
 def cmd_report(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from coverwatch.report import write_report
 
@@ -366,12 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--type", choices=INDEX_TYPE_CHOICES, default=None, help="FAISS index type (default: [index_build] index_type)")
     build.add_argument("--force", action="store_true", help="replace the index already in --out (refused without this)")
     build.add_argument("--skip-errors", action="store_true", help="leave out files that cannot be decoded (listed in the output) instead of failing")
+    build.add_argument("--shard", default=None, metavar="I/N", help="keep only the songs of shard I of N (a catalog past one host: `coverwatch shard`)")
     _model_index(build, index=False)
     add = command(index_sub, "add", "add songs to an index (existing vectors untouched)")
     add.add_argument("index_dir", nargs="?", default=None, metavar="INDEX_DIR", help="index folder (or --index, or [index] path)")
     add.add_argument("--refs", required=True, help="refs CSV or a folder of audio with the new songs")
     add.add_argument("--replace", action="store_true", help="a song_id already indexed is replaced by the new file (upsert) instead of refused")
     add.add_argument("--skip-errors", action="store_true", help="leave out files that cannot be decoded (listed in the output) instead of failing")
+    add.add_argument("--shard", default=None, metavar="I/N", help="add only the songs of shard I of N (the index is that shard)")
     _model_index(add)
     remove = command(index_sub, "remove", "remove songs from an index (the others are not re-embedded)")
     remove.add_argument("song_ids", nargs="+", metavar="SONG_ID", help="song_id(s) to remove, as `index info` / the events name them")
@@ -387,6 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--audio", nargs="+", required=True, metavar="FILE", help="audio files of music that is NOT in the catalog")
     _model_index(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
+
+    shard = command(sub, "shard", "a catalog past one host: serve an index shard, or join shards into a catalog file")
+    shard_sub = shard.add_subparsers(dest="shard_command", required=True, metavar="ACTION")
+    shard_serve = command(shard_sub, "serve", "serve one index (a shard built with `index build --shard I/N`) to daemons over HTTP")
+    shard_serve.add_argument("index_dir", nargs="?", default=None, metavar="INDEX_DIR", help="index folder (or --index, or [index] path)")
+    shard_serve.add_argument("--index", metavar="DIR", help="index folder (overrides [index] path)")
+    shard_serve.add_argument("--host", default="127.0.0.1", help="address to bind (a private interface: no TLS, no auth)")
+    shard_serve.add_argument("--port", type=int, default=7700, help="port to bind (0: any free one, printed)")
+    shard_catalog = command(shard_sub, "catalog", "write a catalog file naming shard servers (then `coverwatch calibrate FILE`; serve with --index FILE)")
+    shard_catalog.add_argument("urls", nargs="+", metavar="URL", help="shard servers, http://HOST:PORT")
+    shard_catalog.add_argument("--out", required=True, metavar="FILE", help="the catalog file")
+    shard_catalog.add_argument("--force", action="store_true", help="replace an existing catalog file")
+    shard_catalog.add_argument("--model", metavar="DIR", help="model folder the shards must have been built with (default: the shipped model)")
+    shard.set_defaults(func=cmd_shard)
 
     demo = command(sub, "demo", "generate the demo catalog and stream, then monitor it")
     demo.add_argument("--workdir", default=None, metavar="DIR", help="where demo data is cached (default ~/.cache/coverwatch/demo)")

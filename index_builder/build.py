@@ -182,7 +182,7 @@ def _stored_songs(store: IndexStore, rows: list[int]) -> Embedded:
         mine = store.vector_song == row
         kept.vectors.append(vectors[mine])
         kept.spans.append(store.vector_span[mine])
-        kept.chroma.append(store.song_chroma(row))  # float16 -> float32 -> float16 is exact
+        kept.chroma.append(store.song_chroma(row))  # codes -> float32 -> codes is exact (decode_chroma)
     return kept
 
 
@@ -237,7 +237,7 @@ def add_to_index(
         store.songs.extend(new_songs)
         store.vector_song = np.concatenate([store.vector_song, new_rows])
         store.vector_span = np.concatenate([store.vector_span, *embedded.spans])
-        old_chroma = [store.song_chroma(row) for row in range(first_song)]  # float16 -> float32 -> float16 is exact
+        old_chroma = [store.song_chroma(row) for row in range(first_song)]  # codes -> float32 -> codes is exact (decode_chroma)
         store.chroma, store.chroma_offsets = pack_chroma(old_chroma + embedded.chroma)
         store.calibration = {**store.calibration, **impostor_calibration(store, cfg, stream)}  # a stream calibration stays
     save_index(index_dir, store, embedder.info)

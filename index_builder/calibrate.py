@@ -35,7 +35,8 @@ from coverwatch.streamer.decide.calibration import (
 )
 from coverwatch.streamer.frontend.audio import HOP_LENGTH, SAMPLE_RATE, seconds_to_frames
 from coverwatch.streamer.frontend.rolling import hop_energy
-from coverwatch.streamer.search.store import IndexStore, load_index, save_index
+from coverwatch.streamer.search.shards import ShardedCatalog, open_catalog
+from coverwatch.streamer.search.store import IndexStore, save_index
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
     """
     from coverwatch.streamer.frontend.decode import load_audio
 
-    store = load_index(index_dir, expected_model_hash=embedder.info.model_hash)
+    store = open_catalog(index_dir, expected_model_hash=embedder.info.model_hash)  # an index folder or a sharded catalog file
     stats, seconds = [], 0.0
     for path in audio_paths:
         audio = load_audio(path)
@@ -241,8 +242,12 @@ def calibrate_index(index_dir: Path, audio_paths: list[Path], embedder, cfg: Con
         **{key: getattr(cfg.stream, key) for key in ALIGNMENT_KEYS},
         start_hops=cfg.decision.start_hops,
     )
-    store.calibration = {**store.calibration, "stream": fit}
-    save_index(index_dir, store, embedder.info)
+    calibration = {**store.calibration, "stream": fit}
+    if isinstance(store, ShardedCatalog):  # thresholds on the merged scores, kept in the catalog file
+        store.save_calibration(calibration)
+    else:
+        store.calibration = calibration
+        save_index(index_dir, store, embedder.info)
     low, high = fit["start_threshold_interval"]
     log.info(
         "calibrated %s on %.0f s of non-catalog audio: start %.3f (90 %% interval %.3f-%.3f), end %.3f for %g false alarms/day",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coverwatch.index_builder.tags import read_tags
+from coverwatch.streamer.search.shards import parse_shard_spec, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +96,11 @@ def read_refs(source: Path) -> list[Reference]:
     if source.is_dir():
         return read_refs_folder(source)
     return read_refs_csv(source)
+
+
+def keep_shard(refs: list[Reference], spec: str) -> list[Reference]:
+    """The references of shard 'I/N' (streamer/search/shards.py, `shard_of`)."""
+    shard, n_shards = parse_shard_spec(spec)
+    kept = [r for r in refs if shard_of(r.song_id, n_shards) == shard]
+    log.info("shard %d/%d: %d of %d references", shard, n_shards, len(kept), len(refs))
+    return kept

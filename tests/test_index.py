@@ -15,7 +15,7 @@ from coverwatch.streamer.embed.embedder import Embedder
 from coverwatch.streamer.frontend.audio import SAMPLE_RATE, AudioError
 from coverwatch.streamer.frontend.decode import load_audio
 from coverwatch.streamer.search.segments import segment_spans
-from coverwatch.streamer.search.store import MANIFEST, VECTOR_TABLE_DTYPE, load_index
+from coverwatch.streamer.search.store import CHROMA_LEVELS, MANIFEST, VECTOR_TABLE_DTYPE, decode_chroma, encode_chroma, load_index, save_index
 from tests.conftest import melody
 
 
@@ -135,7 +135,9 @@ def test_chroma_is_stored_per_song_kept_by_add_and_checked(refs_csv, embedder, t
     expected = chroma(embedder.cqt_whole(load_audio(tmp_path / "song1.wav")))
     loaded = load_index(idx)
     assert loaded.chroma_offsets.tolist() == store.chroma_offsets.tolist() and len(loaded.chroma_offsets) == 4
-    np.testing.assert_allclose(loaded.song_chroma(1), expected / expected.max(), rtol=2e-3, atol=1e-4)  # float16, scaled to 1
+    # sqrt-coded in 8 bits, scaled to a maximum of 1: |error| <= 2 * (0.5 / 255) on values <= 1
+    np.testing.assert_allclose(loaded.song_chroma(1), expected / expected.max(), rtol=0, atol=1.0001 / CHROMA_LEVELS)
+    assert loaded.chroma.dtype == np.uint8 and isinstance(loaded.chroma, np.memmap)  # only the candidates' rows are read
     assert loaded.calibration["align_weight"] == StreamConfig().align_weight  # the impostor scores include the alignment term
 
     soundfile.write(tmp_path / "new.wav", melody(9, 45.0), SAMPLE_RATE)
@@ -158,6 +160,42 @@ def test_chroma_is_stored_per_song_kept_by_add_and_checked(refs_csv, embedder, t
     (idx / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="chroma_offsets do not describe 4 songs"):
         load_index(idx)
+
+
+def test_chroma_codes_round_trip_exactly_and_keep_direction():
+    """decode then encode gives the same codes (songs copied into a grown index keep theirs), and
+    the coded chroma keeps each step's direction, what the alignment check compares."""
+    rng = np.random.default_rng(3)
+    steps = (rng.random((200, 12)) ** 4 * 7.0).astype(np.float32)  # a few loud pitch classes, many quiet ones
+    codes = encode_chroma(steps)
+    assert codes.dtype == np.uint8 and codes.max() == CHROMA_LEVELS
+    np.testing.assert_array_equal(encode_chroma(decode_chroma(codes)), codes)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert np.min(np.sum(unit(decode_chroma(codes)) * unit(steps), axis=1)) > 0.999
+    assert not encode_chroma(np.zeros((5, 12), np.float32)).any() and encode_chroma(np.zeros((0, 12), np.float32)).shape == (0, 12)
+
+
+def test_format_3_index_with_float16_chroma_still_loads_and_is_rewritten_compact(refs_csv, embedder, tmp_path):
+    """An index written before the chroma codes (format 3, float16 rows) serves as it is; the
+    next write (index add, calibrate) stores its chroma as codes, in format 4."""
+    idx = tmp_path / "idx"
+    build_index(read_refs(refs_csv), idx, embedder, IndexBuildConfig())
+    current = load_index(idx, mmap=False)
+    manifest = json.loads((idx / MANIFEST).read_text())
+    chroma_file = idx / manifest["chroma_file"]
+    old_rows = np.concatenate([current.song_chroma(r) for r in range(len(current.songs))]).astype(np.float16)
+    with chroma_file.open("wb") as fh:
+        np.save(fh, old_rows, allow_pickle=False)
+    manifest.update(format_version=3, chroma_sha256=sha256_file(chroma_file))
+    manifest["manifest_sha256"] = canonical_sha256(manifest, "manifest_sha256")
+    (idx / MANIFEST).write_text(json.dumps(manifest))
+    old = load_index(idx)
+    assert old.chroma.dtype == np.float16
+    np.testing.assert_allclose(old.song_chroma(2), current.song_chroma(2), atol=1e-3)
+    save_index(idx, old, embedder.info)
+    rewritten = load_index(idx)
+    assert json.loads((idx / MANIFEST).read_text())["format_version"] == 4 and rewritten.chroma.dtype == np.uint8
+    np.testing.assert_array_equal(rewritten.song_chroma(2), current.song_chroma(2))
 
 
 def test_index_of_an_older_format_asks_for_a_rebuild(refs_csv, embedder, tmp_path):

@@ -28,7 +28,7 @@ import faiss
 from coverwatch.streamer.config import Config
 from coverwatch.streamer.embed.artifacts import ArtifactError, resolve_model_dir
 from coverwatch.streamer.embed.embedder import Embedder
-from coverwatch.streamer.search.store import load_index
+from coverwatch.streamer.search.shards import open_catalog
 from coverwatch.streamer.service.metrics import Metrics
 from coverwatch.streamer.service.notify import SystemdNotifier
 from coverwatch.streamer.service.pipeline import ChunkError, Monitor
@@ -80,7 +80,7 @@ class Server:
 
     # -- set-up -------------------------------------------------------------------------
     def _load_index(self):
-        index = load_index(Path(self.cfg.index.path), expected_model_hash=self.embedder.info.model_hash)
+        index = open_catalog(Path(self.cfg.index.path), expected_model_hash=self.embedder.info.model_hash)  # a folder, or a sharded catalog file
         log.info("index %s: %d songs, %d vectors, model %s", self.cfg.index.path, len(index.songs), index.n_vectors, index.model_hash)
         return index
 
@@ -172,7 +172,10 @@ class Server:
     def _reload_index(self) -> None:
         self.notifier.reloading("reloading the index")
         try:
+            previous = self.monitor.index
             self.monitor.replace_index(self._load_index())
+            if hasattr(previous, "close"):  # a sharded catalog's connections
+                previous.close()
             self.metrics.index_reloads.labels("ok").inc()
         except (ArtifactError, OSError, ValueError) as exc:
             self.metrics.index_reloads.labels("failed").inc()
