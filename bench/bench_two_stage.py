@@ -14,6 +14,7 @@ Usage: nice -n 5 python bench/bench_two_stage.py --covers /work/sim/leaveout --s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -39,17 +40,26 @@ from report import write_section
 
 from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
 from coverwatch.streamer.embed.embedder import Embedder
-from coverwatch.streamer.search.index_types import spec_for, two_stage_params
+from coverwatch.streamer.search.index_types import (
+    TWO_STAGE_CANDIDATES,
+    TWO_STAGE_EF_CONSTRUCTION,
+    TWO_STAGE_EF_SEARCH,
+    TWO_STAGE_LARGE_CANDIDATES,
+    TWO_STAGE_LARGE_EF_SEARCH,
+    TWO_STAGE_LARGE_VECTORS,
+    spec_for,
+    two_stage_params,
+)
 from coverwatch.streamer.search.two_stage import ResidualQuantizer, TwoStageIndex, song_codes, song_graph
 
 log = logging.getLogger("bench_two_stage")
 
 SECTION = "## Two-stage search (bench/bench_two_stage.py)"
-SWEEP = ((128, 25), (128, 50), (128, 100), (256, 50), (256, 100), (256, 200), (512, 200))  # (efSearch, candidates)
+SWEEP = ((128, 50), (256, 50), (256, 100), (256, 200), (320, 120), (384, 150), (512, 200))  # (efSearch, candidates)
 GIB = 2**30
 
 
-def build(real, dist: Distractors, n_songs: int, queries: np.ndarray) -> tuple[TwoStageIndex, tuple, dict]:
+def build(real, dist: Distractors, n_songs: int, queries: np.ndarray, ef_construction: int) -> tuple[TwoStageIndex, tuple, dict]:
     """Chunked build + exact ground truth; returns the index, (gt scores, gt ids), build timings."""
     gt = (np.full((len(queries), 0), -np.inf, dtype=np.float32), np.zeros((len(queries), 0), dtype=np.int64))
     songs, codes, rows = [], [], []
@@ -81,7 +91,7 @@ def build(real, dist: Distractors, n_songs: int, queries: np.ndarray) -> tuple[T
         log.info("%d songs: vectors up to %d encoded", n_songs, first + len(x))
     spec = spec_for("two_stage", queries.shape[1], sum(len(c) for c in codes))
     w0, c0 = time.perf_counter(), cpu_s()
-    graph = song_graph(np.concatenate(songs), two_stage_params(spec))
+    graph = song_graph(np.concatenate(songs), dataclasses.replace(two_stage_params(spec), ef_construction=ef_construction))
     graph_wall, graph_cpu = time.perf_counter() - w0, cpu_s() - c0
     del songs
     index = TwoStageIndex(graph, np.concatenate(codes), quantizer, np.concatenate(rows), spec.candidates)
@@ -89,27 +99,35 @@ def build(real, dist: Distractors, n_songs: int, queries: np.ndarray) -> tuple[T
     return index, gt, {**timing, "exact_ms_per_query": 1000 * exact_wall / max(1, len(queries))}
 
 
-def measure(n_songs: int, real, dist: Distractors) -> dict:
+def measure(n_songs: int, real, dist: Distractors, ef_constructions: list[int]) -> dict:
     queries = np.ascontiguousarray(real.queries, dtype=np.float32)
-    index, (gt_scores, gt_ids), timing = build(real, dist, n_songs, queries)
-    sweep = []
-    for ef, cand in SWEEP:
-        index.song_index.hnsw.efSearch, index.candidates = ef, cand
-        ms, scores, ids = batched_ms(index, queries)
-        single = single_latencies_ms(index, queries)
-        sweep.append(
-            {
-                "ef": ef,
-                "candidates": cand,
-                "recall10": recall_at(ids, gt_ids),
-                "top1": top1_correct(scores, ids, real),
-                "single_p50": float(np.median(single)),
-                "single_p99": float(np.percentile(single, 99)),
-                "batched_ms": ms,
-            }
-        )
-        log.info("%s", sweep[-1])
+    index, (gt_scores, gt_ids), timing = build(real, dist, n_songs, queries, ef_constructions[0])
+    songs = index.song_index.reconstruct_n(0, index.n_songs)
+    sweep, graph_s = [], {ef_constructions[0]: (timing["graph_wall_s"], timing["graph_cpu_s"])}
+    for ef_construction in ef_constructions:
+        if ef_construction not in graph_s:  # the first graph came with the build
+            w0, c0 = time.perf_counter(), cpu_s()
+            index.song_index = song_graph(songs, dataclasses.replace(two_stage_params(spec_for("two_stage", songs.shape[1], index.ntotal)), ef_construction=ef_construction))
+            graph_s[ef_construction] = (time.perf_counter() - w0, cpu_s() - c0)
+        for ef, cand in SWEEP:
+            index.song_index.hnsw.efSearch, index.candidates = ef, cand
+            ms, scores, ids = batched_ms(index, queries)
+            single = single_latencies_ms(index, queries)
+            sweep.append(
+                {
+                    "ef_construction": ef_construction,
+                    "ef": ef,
+                    "candidates": cand,
+                    "recall10": recall_at(ids, gt_ids),
+                    "top1": top1_correct(scores, ids, real),
+                    "single_p50": float(np.median(single)),
+                    "single_p99": float(np.percentile(single, 99)),
+                    "batched_ms": ms,
+                }
+            )
+            log.info("%s", sweep[-1])
     graph_bytes = len(faiss.serialize_index(index.song_index))
+    timing["graph_s"] = graph_s
     return {
         "songs": n_songs,
         "vectors": index.ntotal,
@@ -136,19 +154,23 @@ def to_markdown(ctx: dict, results: list[dict]) -> str:
             f"{ctx['queries']} 20-s cover excerpts as queries, synthetic distractors of 10 segments). Stage 1: HNSW32 over one "
             "vector a song (normalised mean of its segments); stage 2: every segment of the candidate songs scored from 8-bit "
             "residual codes. recall@10 = share of the exact top-10 segment ids found (exact = brute force over float32). "
-            "Shipped default (bold): efSearch 256 and 100 candidates, 512 and 200 from 3M vectors on. Latency: single = one query a call; "
-            "batched = all queries in one call, per query."
+            f"Shipped default (bold): graph efConstruction {TWO_STAGE_EF_CONSTRUCTION}; efSearch {TWO_STAGE_EF_SEARCH} and "
+            f"{TWO_STAGE_CANDIDATES} candidates, {TWO_STAGE_LARGE_EF_SEARCH} and {TWO_STAGE_LARGE_CANDIDATES} from "
+            f"{TWO_STAGE_LARGE_VECTORS / 1e6:g}M vectors on. Latency: single = one query a call; "
+            "batched = all queries in one call, per query. Graph build wall s per efConstruction: "
+            + "; ".join(f"{r['songs']:,} songs: " + ", ".join(f"{e} -> {w:.0f} s" for e, (w, _) in r["graph_s"].items()) for r in ctx["results"])
         ),
         "",
-        "| songs | vectors | efSearch | candidates | recall@10 | top-1 (exact) | single ms p50 / p99 | batched ms/q |",
-        "|---|---|---|---|---|---|---|---|",
+        "| songs | vectors | efConstruction | efSearch | candidates | recall@10 | top-1 (exact) | single ms p50 / p99 | batched ms/q |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         default = spec_for("two_stage", 512, r["vectors"])
         for s in r["sweep"]:
-            mark = "**" if (s["ef"], s["candidates"]) == (default.ef_search, default.candidates) else ""
+            shipped = (s["ef_construction"], s["ef"], s["candidates"]) == (TWO_STAGE_EF_CONSTRUCTION, default.ef_search, default.candidates)
+            mark = "**" if shipped else ""
             lines.append(
-                f"| {r['songs']:,} | {r['vectors']:,} | {s['ef']} | {s['candidates']} | {mark}{s['recall10']:.3f}{mark} | "
+                f"| {r['songs']:,} | {r['vectors']:,} | {s['ef_construction']} | {s['ef']} | {s['candidates']} | {mark}{s['recall10']:.3f}{mark} | "
                 f"{s['top1']:.3f} ({r['exact_top1']:.3f}) | {mark}{s['single_p50']:.2f}{mark} / {s['single_p99']:.2f} | {s['batched_ms']:.3f} |"
             )
     lines += ["", "| songs | segment codes GiB (memory-mapped) | song graph GiB (in memory) | build: encode CPU s / graph wall s (CPU s) |", "|---|---|---|---|"]
@@ -165,6 +187,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--groups", type=int, default=120)
     parser.add_argument("--covers", type=Path, required=True, help="a cover dataset folder (manifest.csv, split val)")
+    parser.add_argument("--ef-construction", type=int, nargs="+", default=[TWO_STAGE_EF_CONSTRUCTION], help="song-graph build beams to compare")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -175,7 +198,7 @@ def main() -> None:
     dist = Distractors.fit(real.ref_vectors)
     results = []
     for n in args.sizes:
-        results.append(measure(n, real, dist))
+        results.append(measure(n, real, dist, args.ef_construction))
         ctx = {
             "date": datetime.date.today().isoformat(),
             "model_hash": embedder.info.model_hash,
@@ -185,6 +208,7 @@ def main() -> None:
             "real_songs": len(real.ref_vectors),
             "queries": len(real.queries),
             "covers": str(args.covers),
+            "results": results,
         }
         markdown = to_markdown(ctx, results)
         print(markdown, flush=True)

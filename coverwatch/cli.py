@@ -1,4 +1,4 @@
-"""The `coverwatch` command line: serve, identify, index build|add|remove|info, calibrate, report, and the training-side
+"""The `coverwatch` command line: serve, identify, index build|add|remove|info, calibrate, shard serve|catalog, report, and the training-side
 commands (data, train, export, quantize, evaluate, demo) that need the `train`/`data`/`quantize` extras.
 
 Each command returns a named exit code; errors the user can fix print one line naming the
@@ -309,7 +309,7 @@ def cmd_report(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
-BENCHMARKS = ("targets", "streams", "stream", "model", "index", "two_stage", "store", "kafka", "soak", "separation")
+BENCHMARKS = ("targets", "streams", "stream", "model", "index", "two_stage", "chroma", "shards", "store", "kafka", "soak", "separation")
 
 
 def cmd_bench(args: argparse.Namespace, cfg: Config) -> ExitCode:

@@ -84,7 +84,7 @@ def test_auto_picks_by_catalog_size():
     assert all(s.chosen_by.startswith("auto (") for s in picks.values())
     # a 1M-song catalog gets the wider stage-1 beam it was measured with (bench/RESULTS.md "Two-stage search")
     mid, big = picks[AUTO_HNSW_MAX_VECTORS + 1], picks[10_000_000]
-    assert (mid.ef_search, mid.candidates) == (256, 100) and (big.ef_search, big.candidates) == (512, 200)
+    assert (mid.ef_search, mid.candidates) == (256, 100) and (big.ef_search, big.candidates) == (320, 120)
 
 
 def test_ivf_lists_stay_trainable_and_pq_refuses_tiny_catalogs():

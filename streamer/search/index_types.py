@@ -43,16 +43,20 @@ HNSW_EF_CONSTRUCTION = 80  # build-time beam: 100k vectors in ~44 CPU s on the s
 HNSW_EF_SEARCH = 128  # query beam: recall@10 0.976 at 10k songs (64: 0.916, 256: 0.995), 0.76 ms single query
 
 # two_stage: stage-1 songs re-ranked, and the stage-1 beam, by catalog size. Measured with
-# bench/bench_two_stage.py (bench/RESULTS.md, "Two-stage search"), recall@10 against exact search:
-#   100k songs (1M vectors): efSearch 256 / 100 candidates 0.980, 1.41 ms a single query (p99 4.8);
-#   1M songs (10M vectors): the same 0.925 (2.27 ms); efSearch 512 / 200 candidates 0.967, 4.14 ms
-#   (p99 5.4). The misses at 1M are stage-1 misses (more candidates at efSearch 256 gain 0.002),
-#   so large catalogs get the wider beam.
+# bench/bench_two_stage.py (bench/RESULTS.md, "Two-stage search"), recall@10 against exact search,
+# single-query latency on the shared 2 cores:
+#   100k songs (1M vectors): efSearch 256 / 100 candidates 0.980 (graph efConstruction 80, 1.4 ms), 0.987 (200);
+#   1M songs (10M vectors), song graph built with efConstruction 80: efSearch 256 / 100 0.925
+#   (2.3 ms), 512 / 200 0.967 (3.8-4.5 ms, p99 4.7-9.7); built with 200: 320 / 120 0.964 in
+#   2.6 ms (p99 3.1), 512 / 200 0.981 in 4.3 ms. The misses at 1M are stage-1 misses, so the
+#   better graph buys the recall, and large catalogs get the wider beam. A 4x dearer graph
+#   build (845 s wall at 1M songs) is small beside embedding 1M songs (~25 CPU h).
+TWO_STAGE_EF_CONSTRUCTION = 200
 TWO_STAGE_CANDIDATES = 100
 TWO_STAGE_EF_SEARCH = 256
 TWO_STAGE_LARGE_VECTORS = 3_000_000  # from here on (~300k songs) the wider beam below
-TWO_STAGE_LARGE_CANDIDATES = 200
-TWO_STAGE_LARGE_EF_SEARCH = 512
+TWO_STAGE_LARGE_CANDIDATES = 120
+TWO_STAGE_LARGE_EF_SEARCH = 320
 
 IVF_LISTS_PER_SQRT = 4  # nlist ~ 4 * sqrt(n_vectors) (power of two), the usual FAISS range
 IVF_MAX_LISTS = 2048  # assigning 10M vectors to 2048 lists is ~21 TFLOP (~5 min on 2 idle cores); 4096 doubles it
@@ -171,7 +175,7 @@ def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
 
 
 def two_stage_params(spec: IndexSpec) -> TwoStageParams:
-    return TwoStageParams(HNSW_M, HNSW_EF_CONSTRUCTION, spec.ef_search, spec.candidates)
+    return TwoStageParams(HNSW_M, TWO_STAGE_EF_CONSTRUCTION, spec.ef_search, spec.candidates)
 
 
 def make_index(spec: IndexSpec, dim: int) -> faiss.Index:
