@@ -26,12 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 from report import write_section  # bench/report.py, beside this script
 
 from coverwatch.index_builder.build import build_index
 from coverwatch.index_builder.refs import keep_shard, read_refs
-from coverwatch.streamer.config import IndexBuildConfig, StreamConfig
+from coverwatch.streamer.config import IndexBuildConfig, IndexConfig, StreamConfig
 from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
 from coverwatch.streamer.embed.embedder import Embedder
 from coverwatch.streamer.frontend.audio import seconds_to_frames
@@ -92,6 +93,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     wall0 = time.perf_counter()
     cfg = StreamConfig()
+    faiss.omp_set_num_threads(IndexConfig().threads)  # as the daemon and the shard servers: idle OpenMP threads spin on the cores the servers need
     embedder = Embedder(DEFAULT_MODEL_DIR, 2)
     refs = read_refs(args.refs)
     queries = window_queries(embedder, refs, cfg, 4 * BATCH_HOPS)

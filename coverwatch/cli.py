@@ -279,6 +279,9 @@ def cmd_shard(args: argparse.Namespace, cfg: Config) -> ExitCode:
     from coverwatch.streamer.search.shards import ShardedCatalog, serve_shard, write_catalog
 
     if args.shard_command == "serve":
+        import faiss
+
+        faiss.omp_set_num_threads(cfg.index.threads)  # as the daemon: OpenMP threads spinning beside other processes cost more than they give
         server = serve_shard(_index_dir(args, cfg), args.host, args.port)
         print(json.dumps({"url": f"http://{args.host}:{server.server_port}", "songs": len(server.store.songs)}), flush=True)
         try:
