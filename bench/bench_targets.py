@@ -35,7 +35,7 @@ from coverwatch.evaluation.demo import default_workdir
 from coverwatch.streamer.config import Config
 from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
 from coverwatch.streamer.embed.embedder import Embedder
-from coverwatch.streamer.search.index_types import spec_for
+from coverwatch.streamer.search.index_types import TWO_STAGE_EF_CONSTRUCTION, spec_for
 
 log = logging.getLogger("bench_targets")
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     faiss.omp_set_num_threads(2)
     real = real_set(args.covers, 120, 20.0, Embedder(DEFAULT_MODEL_DIR, 2))
-    catalog = measure_two_stage(args.songs, real, Distractors.fit(real.ref_vectors))
+    catalog = measure_two_stage(args.songs, real, Distractors.fit(real.ref_vectors), [TWO_STAGE_EF_CONSTRUCTION])
     default = spec_for("two_stage", 512, catalog["vectors"])
     point = next(s for s in catalog["sweep"] if (s["ef"], s["candidates"]) == (default.ef_search, default.candidates))
 
