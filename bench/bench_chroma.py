@@ -24,17 +24,14 @@ Usage: python bench/bench_chroma.py --index /work/sim/SIM/index --streams /work/
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from report import write_section  # bench/report.py, beside this script
+from report import publish, run_context  # bench/report.py, beside this script
 
 from coverwatch.streamer.config import StreamConfig
 from coverwatch.streamer.decide.alignment import STEP_RATE, alignment_matches, chroma
@@ -159,11 +156,7 @@ def main() -> None:
     queries = plays_queries(args.streams, {s["song_id"]: r for r, s in enumerate(songs)}, window_s, embedder)
     results = measure(references, queries, args.impostors, cfg)
     ctx = {
-        "date": datetime.date.today().isoformat(),
-        "model_hash": embedder.info.model_hash,
-        "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
-        "command": "python " + " ".join(["bench/bench_chroma.py", *sys.argv[1:]]),
-        "wall_s": time.perf_counter() - wall0,
+        **run_context("bench_chroma.py", embedder.info.model_hash, wall0),
         "catalog_songs": len(songs),
         "pairs": len(queries),
         "streams": ", ".join(p.name for p in args.streams),
@@ -171,9 +164,7 @@ def main() -> None:
         "impostors": args.impostors,
     }
     markdown = to_markdown(ctx, results)
-    print(markdown, flush=True)
-    if not args.no_write:
-        write_section(SECTION, markdown)
+    publish(SECTION, markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from report import write_section  # bench/report.py, beside this script
+from report import publish  # bench/report.py, beside this script
 
 from coverwatch.index_builder.build import build_index
 from coverwatch.index_builder.refs import keep_shard, read_refs
@@ -145,9 +145,7 @@ def main() -> None:
         chroma = f"{r['chroma_p50']:.2f}" if "chroma_p50" in r else "in memory"
         lines.append(f"| {r['catalog']} | {r['one_p50']:.2f} / {r['one_p99']:.2f} | {r['batch_p50']:.2f} / {r['batch_p99']:.2f} | {chroma} |")
     markdown = "\n".join(lines) + "\n"
-    print(markdown, flush=True)
-    if not args.no_write:
-        write_section(SECTION, markdown)
+    publish(SECTION, markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

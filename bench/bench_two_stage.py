@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from bench_index import (  # bench/bench_index.py, beside this script
     top1_correct,
     vector_song,
 )
-from report import write_section
+from report import publish, run_context
 
 from coverwatch.streamer.embed.artifacts import DEFAULT_MODEL_DIR
 from coverwatch.streamer.embed.embedder import Embedder
@@ -200,20 +198,14 @@ def main() -> None:
     for n in args.sizes:
         results.append(measure(n, real, dist, args.ef_construction))
         ctx = {
-            "date": datetime.date.today().isoformat(),
-            "model_hash": embedder.info.model_hash,
-            "machine": f"{os.uname().machine}, {os.cpu_count()} cores",
-            "command": "python " + " ".join(["bench/bench_two_stage.py", *sys.argv[1:]]),
-            "wall_s": time.perf_counter() - wall0,
+            **run_context("bench_two_stage.py", embedder.info.model_hash, wall0),
             "real_songs": len(real.ref_vectors),
             "queries": len(real.queries),
             "covers": str(args.covers),
             "results": results,
         }
         markdown = to_markdown(ctx, results)
-        print(markdown, flush=True)
-        if not args.no_write:
-            write_section(SECTION, markdown)
+        publish(SECTION, markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

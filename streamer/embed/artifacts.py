@@ -70,6 +70,17 @@ class ModelInfo:
         return {**table, "sidecar_sha256": canonical_sha256(table, "sidecar_sha256")}
 
 
+def read_json_file(path: Path, not_found: str, unreadable: str) -> object:
+    """The parsed JSON of `path`; ArtifactError "PATH: <not_found>" if it is missing,
+    "PATH: <unreadable> (why)" if it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: {not_found}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: {unreadable} ({exc})") from None
+
+
 def resolve_model_dir(path: str | Path | None) -> Path:
     """The configured model folder, or the bundled default when empty."""
     return Path(path) if path else DEFAULT_MODEL_DIR

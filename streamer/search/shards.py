@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from coverwatch.streamer.embed.artifacts import ArtifactError, atomic_write
+from coverwatch.streamer.embed.artifacts import ArtifactError, atomic_write, read_json_file
 from coverwatch.streamer.search.store import IndexStore, SongEntry, best_per_song_of, decode_chroma, read_manifest
 
 log = logging.getLogger(__name__)
@@ -269,12 +269,7 @@ def write_catalog(path: Path, urls: list[str], calibration: dict | None = None, 
 
 
 def read_catalog(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: catalog file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not a catalog file ({exc})") from None
+    doc = read_json_file(path, "catalog file not found", "not a catalog file")
     if not isinstance(doc, dict) or doc.get("format") != CATALOG_FORMAT or not isinstance(doc.get("shards"), list) or not doc["shards"]:
         raise ArtifactError(f"{path}: not a {CATALOG_FORMAT} catalog file with a non-empty `shards` list (made by `coverwatch shard catalog`)")
     return doc

@@ -41,7 +41,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from coverwatch.streamer.embed.artifacts import ArtifactError, ModelInfo, atomic_write, canonical_sha256, fsync_dir, sha256_file
+from coverwatch.streamer.embed.artifacts import ArtifactError, ModelInfo, atomic_write, canonical_sha256, fsync_dir, read_json_file, sha256_file
 from coverwatch.streamer.search.two_stage import ResidualQuantizer, TwoStageIndex
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,7 @@ def save_index(index_dir: Path, store: IndexStore, model: ModelInfo) -> None:
 
 def read_manifest(index_dir: Path) -> dict:
     path = index_dir / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: index manifest not found (is {index_dir} an index built by `coverwatch index build`?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt index manifest ({exc})") from None
+    manifest = read_json_file(path, f"index manifest not found (is {index_dir} an index built by `coverwatch index build`?)", "corrupt index manifest")
     if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_FORMATS:
         found = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise ArtifactError(
