@@ -241,7 +241,6 @@ class ShardClient:
             raise ShardError(f"shard {self.url} {method} {path}: HTTP {response.status} {data[:300].decode(errors='replace')}")
         return data
 
-
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
@@ -250,8 +249,9 @@ class ShardClient:
 
 def fan_out(clients: list[ShardClient], method: str, path: str, body: bytes | None = None) -> list[bytes]:
     """The same request to every shard: all are sent first, then the answers read in turn, so
-    the shards work at once without a thread a shard (threads waiting on sockets measured
-    7x slower than this here: Python hands the interpreter lock over in 5-ms slices)."""
+    the shards work at once without a thread a shard (a thread pool measured 7x slower than
+    this on 2 cores: 8 ms against 1.1 ms for two shards). A connection left with an unread
+    answer by a failure refuses its next request, and is then reconnected (`_exchange`)."""
     for client in clients:
         client._lock.acquire()  # always in list order: no two fan-outs can deadlock
     try:
