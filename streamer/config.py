@@ -43,7 +43,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    path: str = _f("")  # index folder made by `coverwatch index build`
+    path: str = _f("")  # index folder made by `coverwatch index build`, or a catalog file (`coverwatch shard catalog`)
     threads: int = _f(1, 1, 256)  # FAISS (OpenMP) search threads: 1 measured best on 2 cores (2 add ~9 ms per search)
 
 
