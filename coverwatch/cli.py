@@ -276,7 +276,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> ExitCode:
 
 
 def cmd_shard(args: argparse.Namespace, cfg: Config) -> ExitCode:
-    from coverwatch.streamer.search.shards import ShardedCatalog, serve_shard, write_catalog
+    from coverwatch.streamer.search.shards import ShardedCatalog, serve_shard
 
     if args.shard_command == "serve":
         import faiss
@@ -292,13 +292,8 @@ def cmd_shard(args: argparse.Namespace, cfg: Config) -> ExitCode:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists: pass --force to replace it (its calibration is lost)")
-    write_catalog(out, args.urls)
-    try:
-        catalog = ShardedCatalog(out, _embedder(cfg).info.model_hash)  # every shard answers, one model, no song twice
-    except Exception:
-        out.unlink(missing_ok=True)
-        raise
-    write_catalog(out, catalog.urls, {}, catalog.shard_manifests)
+    catalog = ShardedCatalog(out, _embedder(cfg).info.model_hash, urls=args.urls)  # every shard answers, one model, no song twice
+    catalog.save_calibration({})  # written only now: a catalog that does not open leaves no file
     print(json.dumps({"catalog": str(out), "shards": len(catalog.urls), "songs": len(catalog.songs), "vectors": catalog.n_vectors}))
     catalog.close()
     return ExitCode.OK

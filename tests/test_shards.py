@@ -131,7 +131,7 @@ def test_sharded_catalog_answers_as_one_index(catalog, random_model_dir, tmp_pat
 
 
 def serve_in_thread(index_dir: Path) -> ShardServer:
-    server = ShardServer(load_index(index_dir), index_dir, ("127.0.0.1", 0))
+    server = ShardServer(load_index(index_dir), ("127.0.0.1", 0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -179,7 +179,7 @@ def test_shard_server_refuses_bad_requests(catalog):
             response = conn.getresponse()
             return response.status, response.read()
 
-        dim = server.manifest["dim"]
+        dim = server.dim
         pickled = io.BytesIO()
         np.savez(pickled, queries=np.array([{"x": 1}], dtype=object), k=np.array(5))
         for path, body, reason in [

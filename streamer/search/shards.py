@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from coverwatch.streamer.embed.artifacts import ArtifactError, atomic_write, read_json_file
-from coverwatch.streamer.search.store import IndexStore, SongEntry, best_per_song_of, decode_chroma, read_manifest
+from coverwatch.streamer.search.store import IndexStore, SongEntry, best_per_song_of, decode_chroma
 
 log = logging.getLogger(__name__)
 
@@ -96,28 +96,26 @@ class ShardServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, store: IndexStore, index_dir: Path, address: tuple[str, int]):
+    def __init__(self, store: IndexStore, address: tuple[str, int]):
         self.store = store
-        self.manifest = {
+        self.dim = int(store.faiss_index.d)
+        manifest = {
             "model_hash": store.model_hash,
-            "index_manifest_sha256": read_manifest(index_dir)["manifest_sha256"],
+            "index_manifest_sha256": store.manifest_sha256,
             "n_vectors": store.n_vectors,
-            "dim": int(store.faiss_index.d),
+            "dim": self.dim,
             "songs": [vars(song) for song in store.songs],
         }
+        self.manifest_json = json.dumps(manifest).encode()  # once: a large shard's song list runs to megabytes
         super().__init__(address, ShardHandler)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, D) float32 -> (scores (Q, k') float32, song rows (Q, k') int32, -1 = none)."""
-        if queries.dtype != np.float32 or queries.ndim != 2 or queries.shape[1] != self.manifest["dim"] or len(queries) > MAX_QUERIES:
-            raise ValueError(f"queries must be float32 (at most {MAX_QUERIES}, {self.manifest['dim']}), got {queries.dtype} {queries.shape}")
+        if queries.dtype != np.float32 or queries.ndim != 2 or queries.shape[1] != self.dim or len(queries) > MAX_QUERIES:
+            raise ValueError(f"queries must be float32 (at most {MAX_QUERIES}, {self.dim}), got {queries.dtype} {queries.shape}")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
-        if self.store.n_vectors == 0 or len(queries) == 0:
-            return np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), np.int32)
-        scores, ids = self.store.search(queries, k)
-        songs = np.where(ids >= 0, self.store.vector_song[np.clip(ids, 0, None)], -1).astype(np.int32)
-        return scores.astype(np.float32), songs
+        return self.store.search_songs(queries, k)
 
     def chroma(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(R,) song rows -> (their stored chroma rows one song after another, (R + 1,) offsets)."""
@@ -153,7 +151,7 @@ class ShardHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path != "/manifest":
             return self._error(404, f"no such path {self.path[:100]!r} (GET /manifest, POST /search, POST /chroma)")
-        self._send(200, json.dumps(self.server.manifest).encode(), "application/json")
+        self._send(200, self.server.manifest_json, "application/json")
 
     def do_POST(self) -> None:
         try:
@@ -182,7 +180,7 @@ def serve_shard(index_dir: Path, host: str, port: int, expected_model_hash: str 
     from coverwatch.streamer.search.store import load_index
 
     store = load_index(index_dir, expected_model_hash=expected_model_hash)
-    server = ShardServer(store, index_dir, (host, port))
+    server = ShardServer(store, (host, port))
     log.info("shard %s: %d songs, %d vectors, serving on http://%s:%d", index_dir, len(store.songs), store.n_vectors, host, server.server_port)
     return server
 
@@ -279,8 +277,10 @@ class ShardedCatalog:
     """The daemon's view of a sharded catalog: the IndexStore calls the service makes
     (songs, song_rows, n_vectors, best_per_song[_grouped], song_chroma, calibration)."""
 
-    def __init__(self, catalog_path: Path, expected_model_hash: str | None = None, timeout_s: float = TIMEOUT_S):
-        doc = read_catalog(catalog_path)
+    def __init__(self, catalog_path: Path, expected_model_hash: str | None = None, timeout_s: float = TIMEOUT_S, urls: list[str] | None = None):
+        """Open the catalog file at catalog_path; with `urls`, a new catalog of those shards instead
+        (nothing is read; `save_calibration` writes the file)."""
+        doc = read_catalog(catalog_path) if urls is None else {"shards": urls}
         self.path = catalog_path
         self.urls = [str(u) for u in doc["shards"]]
         self.calibration = doc.get("calibration") or {}

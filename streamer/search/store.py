@@ -74,6 +74,7 @@ class IndexStore:
     calibration: dict  # impostor statistics and thresholds
     chroma: np.ndarray  # (steps of all songs, 12) uint8 codes (`encode_chroma`; float16 in format 3)
     chroma_offsets: np.ndarray  # (songs + 1,) int64: song row r's chroma is chroma[offsets[r]:offsets[r + 1]]
+    manifest_sha256: str = ""  # of the manifest it was loaded from ("" before the first save)
 
     def song_chroma(self, row: int) -> np.ndarray:
         """(S, 12) float32 chroma of song `row` (streamer/decide/alignment.py)."""
@@ -101,10 +102,15 @@ class IndexStore:
 
         Returns per group {song row: best score over the group's queries and retrieved vectors}.
         """
+        return best_per_song_of(*self.search_songs(queries, k), group, n_groups)
+
+    def search_songs(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) float32 unit vectors -> (scores (Q, k') float32, the hits' song rows (Q, k') int32,
+        -1 = no hit); k' = 0 for an empty index."""
         if len(queries) == 0 or self.n_vectors == 0:
-            return [{} for _ in range(n_groups)]
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int32)
         scores, ids = self.search(queries, k)
-        return best_per_song_of(scores, np.where(ids >= 0, self.vector_song[np.clip(ids, 0, None)], -1), group, n_groups)
+        return scores.astype(np.float32), np.where(ids >= 0, self.vector_song[np.clip(ids, 0, None)], -1).astype(np.int32)
 
 
 def best_per_song_of(scores: np.ndarray, songs: np.ndarray, group: np.ndarray, n_groups: int) -> list[dict[int, float]]:
@@ -351,6 +357,7 @@ def load_index(index_dir: Path, expected_model_hash: str | None = None, mmap: bo
         manifest.get("calibration", {}),
         chroma,
         chroma_offsets,
+        manifest["manifest_sha256"],
     )
 
 
