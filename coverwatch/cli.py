@@ -204,6 +204,7 @@ def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
         path = build_cover_dataset(
             Path(args.out), n_groups=args.groups, versions_per_group=args.versions, seed=args.seed, max_seconds=args.max_seconds,
             degrade_fraction=args.degrade_fraction, exclude_families=excluded,
+            **({"train_soundfonts": tuple(Path(p) for p in args.train_soundfont)} if args.train_soundfont else {}),
         )  # fmt: skip
     elif args.data_command == "variants":
         from coverwatch.model.variants import build_variant_dataset, find_variant_groups, trained_families
@@ -440,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--manifest", required=True, help="dataset manifest.csv (group_id,path[,split])")
     train.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, curve")
     train.add_argument("--cache", default=None, metavar="DIR", help="CQT feature cache (default OUT/features)")
-    train.add_argument("--init", default=None, metavar="CHECKPOINT", help="fine-tune: start from this run's encoder (same dims)")
+    train.add_argument(
+        "--init", default=None, metavar="CHECKPOINT",
+        help="fine-tune: start from this run's encoder (a .pt checkpoint) or an exported model folder (encoder.onnx + model.json; same dims)",
+    )  # fmt: skip
     train.add_argument("--negatives", default=None, metavar="MANIFEST", help="out-of-catalog music (`data negatives`), for [train] outside_per_batch")
     train.set_defaults(func=cmd_train)
 
@@ -467,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_build.add_argument("--max-seconds", type=float, default=40.0, help="each version is cut at this length")
     data_build.add_argument("--degrade-fraction", type=float, default=0.0, help="share of versions given audio degradations")
     data_build.add_argument("--hold-out-variants", action="store_true", help="never use the held-out real-variant families")
+    data_build.add_argument(
+        "--train-soundfont", action="append", default=[], metavar="SF2",
+        help="synthesise training versions with these soundfonts (repeat; default: TimGM6mb from pretty_midi); FluidR3 is refused",
+    )  # fmt: skip
     data_variants = command(data_sub, "variants", "render real tune-variant groups (held-out ones for evaluation)")
     data_variants.add_argument("--out", required=True, metavar="DIR", help="dataset folder")
     data_variants.add_argument("--which", choices=("heldout", "train"), default="heldout", help="which families")

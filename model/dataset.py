@@ -45,6 +45,8 @@ from coverwatch.model.render import (
     LEAVEOUT_COLLECTIONS,
     HELD_OUT_SOUNDFONT,
     TRAIN_SOUNDFONT,
+    _pick_unused,
+    check_soundfont_allowed,
     Arrangement,
     RenderError,
     Tune,
@@ -242,6 +244,7 @@ def build_cover_dataset(
     max_seconds: float = MAX_VERSION_SECONDS,
     degrade_fraction: float = 0.0,
     exclude_families: frozenset[str] = frozenset(),
+    train_soundfonts: Sequence[Path] = (TRAIN_SOUNDFONT,),
 ) -> Path:
     """Render `n_groups` cover groups to out_dir/audio/<group_id>/v<version>.flac; return manifest.csv.
 
@@ -264,12 +267,21 @@ def build_cover_dataset(
       and the manifest gains a `degradation` column ("" for clean versions).
     - `exclude_families`: title families never used (e.g. the held-out real-variant
       families of `coverwatch.model.variants`).
+    - `train_soundfonts`: with more than one, each training version is synthesised with
+      one of them, drawn apart from the group's other versions while any is unused (so a
+      group's versions differ in synthesis too). The draw has its own random stream:
+      the arrangements are those of the one-soundfont build. Validation keeps
+      `HELD_OUT_SOUNDFONT`.
     """
     if n_groups < 1 or versions_per_group < 1 or not 0.0 <= val_fraction <= 1.0 or not 0.0 <= degrade_fraction <= 1.0:
         raise ValueError(
             f"bad sizes: n_groups={n_groups}, versions_per_group={versions_per_group}, "
             f"val_fraction={val_fraction}, degrade_fraction={degrade_fraction}"
         )
+    if not train_soundfonts:
+        raise ValueError("train_soundfonts: at least one soundfont")
+    for soundfont in train_soundfonts:
+        check_soundfont_allowed(soundfont)
     if set(collections) & set(LEAVEOUT_COLLECTIONS):
         raise ValueError(f"{sorted(set(collections) & set(LEAVEOUT_COLLECTIONS))}: kept for the leave-out evaluation (coverwatch data leaveout), never for training")
     out_dir = Path(out_dir)
@@ -280,10 +292,16 @@ def build_cover_dataset(
     jobs: list[_Job] = []
     for source, tune in _parse_first(sources, n_groups):
         split = split_of(source.family, seed, val_fraction)
-        soundfont = HELD_OUT_SOUNDFONT if split == "val" else TRAIN_SOUNDFONT
         rng = _rng("arrangement", seed, tune.tune_id)
+        soundfont_rng = _rng("soundfont", seed, tune.tune_id)
         arrangements: list[Arrangement] = []
         for version in range(versions_per_group):
+            if split == "val":
+                soundfont = HELD_OUT_SOUNDFONT
+            elif len(train_soundfonts) == 1:
+                soundfont = train_soundfonts[0]
+            else:
+                soundfont = _pick_unused(soundfont_rng, train_soundfonts, {a.soundfont for a in arrangements})
             arrangement = random_arrangement(rng, soundfont, tune.base_tempo_bpm, arrangements)
             arrangements.append(arrangement)
             chain = _degradation_chain(seed, tune.tune_id, version, degrade_fraction)

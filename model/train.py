@@ -43,7 +43,7 @@ class TrainPaths:
     manifest: Path  # CSV with group_id,path[,split]; paths relative to the manifest's folder
     out_dir: Path  # checkpoints, curve plot, metrics
     cache_dir: Path  # cached CQT features
-    init: Path | None = None  # start from this checkpoint's encoder (fine-tuning); its classifier is dropped
+    init: Path | None = None  # start from this checkpoint's (or exported model folder's) encoder; its classifier is dropped
     negatives: Path | None = None  # manifest of out-of-catalog music (model/negatives.py), used when outside_per_batch > 0
 
 
@@ -165,22 +165,49 @@ def _plot_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def load_encoder_weights(model: CoverEncoder, checkpoint_path: Path) -> None:
-    """Copy every weight but the classifier from a checkpoint of the same shape (dropout may differ)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+BN_CALIBRATION_BATCHES = 8  # training batches whose statistics re-create the norms folded into an exported encoder
+
+
+def _check_dims(theirs: dict, model: CoverEncoder, source: Path) -> None:
+    """Raise unless `theirs` (dims of a checkpoint or exported model) match the model's, classifier and dropout aside."""
     free = {"n_classes", "dropout"}  # the classifier is new; dropout holds no weights
-    theirs = {k: v for k, v in checkpoint["dims"].items() if k not in free}
+    theirs = {k: v for k, v in theirs.items() if k not in free}
     ours = {k: v for k, v in model.dims.to_dict().items() if k not in free}
     if theirs != ours:
         changed = sorted(k for k in ours if theirs.get(k) != ours[k])
-        raise ValueError(f"{checkpoint_path}: dims differ from [train] config in {', '.join(changed)}: {theirs} vs {ours}")
-    weights = {k: v for k, v in checkpoint["model"].items() if not k.startswith("classifier.")}
+        raise ValueError(f"{source}: dims differ from [train] config in {', '.join(changed)}: {theirs} vs {ours}")
+
+
+def _load_all_but_classifier(model: CoverEncoder, weights: dict, source: Path) -> None:
+    weights = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("classifier.") for k in missing):
-        raise ValueError(f"{checkpoint_path}: weights do not fit: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{source}: weights do not fit: missing {missing}, unexpected {unexpected}")
+
+
+def load_encoder_weights(model: CoverEncoder, checkpoint_path: Path) -> None:
+    """Copy every weight but the classifier from a checkpoint of the same shape (dropout may differ)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    _check_dims(checkpoint["dims"], model, checkpoint_path)
+    _load_all_but_classifier(model, checkpoint["model"], checkpoint_path)
     log.info(
         "initialised from %s (step %s, best val mAP %.3f)", checkpoint_path, checkpoint.get("step"), checkpoint.get("best", float("nan"))
     )
+
+
+def load_exported_weights(model: CoverEncoder, model_dir: Path, batches: list[torch.Tensor]) -> None:
+    """Copy every weight but the classifier from an exported model folder (encoder.onnx, model.json).
+
+    The export folded each BatchNorm into the layer before it; `batches` (training crops)
+    supply the statistics that turn them back into norms (coverwatch.model.from_onnx).
+    """
+    from coverwatch.model.from_onnx import calibrate_batchnorm, encoder_from_onnx
+
+    imported = encoder_from_onnx(model_dir, n_classes=model.dims.n_classes)
+    _check_dims(imported.dims.to_dict(), model, model_dir)
+    calibrate_batchnorm(imported, batches)
+    _load_all_but_classifier(model, imported.state_dict(), model_dir)
+    log.info("initialised from the exported model %s (norm statistics from %d training batches)", model_dir, len(batches))
 
 
 def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
@@ -222,6 +249,10 @@ def train(cfg: TrainConfig, paths: TrainPaths, device: str = "cpu") -> dict:
         optimizer.load_state_dict(checkpoint["optim"])
         state = {k: checkpoint[k] for k in state}
         log.info("resumed from %s at step %d", last, state["step"])
+    elif paths.init is not None and paths.init.is_dir():
+        calibration_rng = np.random.default_rng([cfg.seed, 2**31])  # its own stream: training's batches stay as without it
+        batches = [sample_batch(groups, cfg, calibration_rng, outside)[0].to(device) for _ in range(BN_CALIBRATION_BATCHES)]
+        load_exported_weights(model, paths.init, batches)
     elif paths.init is not None:
         load_encoder_weights(model, paths.init)
 
