@@ -233,3 +233,29 @@ def test_render_ends_a_voice_that_never_dies_away(monkeypatch: pytest.MonkeyPatc
     )  # fmt: skip
     audio = render.render(parse_tune(source), arrangement, max_seconds=56.98274601388158)
     assert abs(len(audio) / SAMPLE_RATE - 56.98) < 0.5
+
+
+@needs_fluidsynth
+def test_several_training_soundfonts_change_only_the_synthesis(tiny_build: Path, tmp_path: Path) -> None:
+    fonts = (TRAIN_SOUNDFONT, HELD_OUT_SOUNDFONT)
+    rows = read_manifest(build_cover_dataset(tmp_path, **TINY, train_soundfonts=fonts))
+    one_font = read_manifest(tiny_build / "manifest.csv")
+    assert len(rows) == len(one_font)
+    for row, before in zip(rows, one_font, strict=True):
+        # the arrangement draws are those of the one-soundfont build
+        assert (row.group_id, row.transpose, row.tempo_bpm, row.program, row.accompaniment) == (
+            before.group_id, before.transpose, before.tempo_bpm, before.program, before.accompaniment,
+        )  # fmt: skip
+    train_groups = {r.group_id for r in rows if r.split == "train"}
+    assert train_groups
+    for group in train_groups:  # two versions, two soundfonts: each version its own
+        assert sorted(r.soundfont for r in rows if r.group_id == group) == sorted(f.name for f in fonts)
+    assert {r.soundfont for r in rows if r.split == "val"} == {HELD_OUT_SOUNDFONT.name}
+
+
+def test_a_reserved_training_soundfont_is_refused_before_rendering(tmp_path: Path) -> None:
+    reserved = tmp_path / "FluidR3_GM.sf2"
+    reserved.write_bytes(b"RIFF")
+    with pytest.raises(ReservedDataError):
+        build_cover_dataset(tmp_path / "out", **TINY, train_soundfonts=(TRAIN_SOUNDFONT, reserved))
+    assert not (tmp_path / "out").exists()
