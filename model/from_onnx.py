@@ -79,13 +79,19 @@ def _layer_norms(graph: onnx.GraphProto, constants: dict[str, np.ndarray]) -> li
     return norms
 
 
-def _reset_norm(norm: nn.BatchNorm1d | nn.BatchNorm2d, shift: np.ndarray) -> None:
+def _copy_into(tensor: torch.Tensor, value: np.ndarray, name: str, encoder_path: Path) -> None:
+    """tensor <- value (a writable copy), or OnnxImportError naming `name` when the shapes differ."""
+    if tuple(value.shape) != tuple(tensor.shape):
+        raise OnnxImportError(f"{encoder_path}: {name} is {tuple(value.shape)} in the graph, {tuple(tensor.shape)} in the network")
+    tensor.copy_(torch.from_numpy(np.array(value)))
+
+
+def _reset_norm(norm: nn.BatchNorm1d | nn.BatchNorm2d, shift: np.ndarray, name: str, encoder_path: Path) -> None:
     """Make `norm` the identity plus `shift` in eval mode (statistics 0 / 1, gamma 1)."""
-    with torch.no_grad():
-        norm.running_mean.zero_()
-        norm.running_var.fill_(1.0 - norm.eps)
-        norm.weight.fill_(1.0)
-        norm.bias.copy_(torch.from_numpy(np.array(shift)))
+    norm.running_mean.zero_()
+    norm.running_var.fill_(1.0 - norm.eps)
+    norm.weight.fill_(1.0)
+    _copy_into(norm.bias, shift, name, encoder_path)
 
 
 def load_onnx_weights(model: CoverEncoder, encoder_path: Path) -> None:
@@ -104,12 +110,10 @@ def load_onnx_weights(model: CoverEncoder, encoder_path: Path) -> None:
             weight = constants[conv.input[1]]
             # a folded shift of all zeros is dropped from the node
             shift = constants[conv.input[2]] if len(conv.input) > 2 else np.zeros(weight.shape[0], dtype=np.float32)
-            if weight.shape != tuple(block.conv.weight.shape):
-                raise OnnxImportError(f"{encoder_path}: conv {i} is {weight.shape} in the graph, {tuple(block.conv.weight.shape)} in the network")
-            block.conv.weight.copy_(torch.from_numpy(np.array(weight)))
-            _reset_norm(block.norm, shift)
+            _copy_into(block.conv.weight, weight, f"stem.blocks.{i}.conv.weight", encoder_path)
+            _reset_norm(block.norm, shift, f"stem.blocks.{i}.conv bias", encoder_path)
             loaded.update(k for k in state if k.startswith(f"stem.blocks.{i}."))
-        _reset_norm(model.neck, np.zeros(model.dims.embedding_dim, dtype=np.float32))
+        _reset_norm(model.neck, np.zeros(model.dims.embedding_dim, dtype=np.float32), "neck.bias", encoder_path)
         loaded.update(k for k in state if k.startswith("neck."))
         # Module order is the order the forward pass meets the LayerNorms in, as the graph's.
         layer_norms = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
@@ -117,20 +121,15 @@ def load_onnx_weights(model: CoverEncoder, encoder_path: Path) -> None:
         if len(graph_norms) != len(layer_norms):
             raise OnnxImportError(f"{encoder_path}: {len(graph_norms)} LayerNormalization nodes, the network has {len(layer_norms)}")
         for (name, norm), (scale, bias) in zip(layer_norms, graph_norms, strict=True):
-            if scale.shape != tuple(norm.weight.shape):
-                raise OnnxImportError(f"{encoder_path}: {name} is {scale.shape} in the graph, {tuple(norm.weight.shape)} in the network")
-            norm.weight.copy_(torch.from_numpy(np.array(scale)))
-            norm.bias.copy_(torch.from_numpy(np.array(bias)))
+            _copy_into(norm.weight, scale, f"{name}.weight", encoder_path)
+            _copy_into(norm.bias, bias, f"{name}.bias", encoder_path)
             loaded.update((f"{name}.weight", f"{name}.bias"))
         for name, tensor in state.items():
             if name in loaded or name.startswith("classifier."):
                 continue
             if name not in found:
                 raise OnnxImportError(f"{encoder_path}: parameter {name} not found in the graph")
-            value = torch.from_numpy(np.array(found[name]))
-            if tuple(value.shape) != tuple(tensor.shape):
-                raise OnnxImportError(f"{encoder_path}: {name} is {tuple(value.shape)} in the graph, {tuple(tensor.shape)} in the network")
-            tensor.copy_(value)
+            _copy_into(tensor, found[name], name, encoder_path)
 
 
 @torch.no_grad()
