@@ -203,7 +203,7 @@ def cmd_data(args: argparse.Namespace, cfg: Config) -> ExitCode:
             excluded = frozenset(g.family for g in find_variant_groups() if g.heldout)
         path = build_cover_dataset(
             Path(args.out), n_groups=args.groups, versions_per_group=args.versions, seed=args.seed, max_seconds=args.max_seconds,
-            degrade_fraction=args.degrade_fraction, exclude_families=excluded,
+            degrade_fraction=args.degrade_fraction, exclude_families=excluded, styled_fraction=args.styled_fraction,
             **({"train_soundfonts": tuple(Path(p) for p in args.train_soundfont)} if args.train_soundfont else {}),
         )  # fmt: skip
     elif args.data_command == "variants":
@@ -471,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_build.add_argument("--max-seconds", type=float, default=40.0, help="each version is cut at this length")
     data_build.add_argument("--degrade-fraction", type=float, default=0.0, help="share of versions given audio degradations")
     data_build.add_argument("--hold-out-variants", action="store_true", help="never use the held-out real-variant families")
+    data_build.add_argument(
+        "--styled-fraction", type=float, default=0.0,
+        help="share of training versions played by the second arranger (model/styles.py: re-harmonised, other textures, tune in other voices)",
+    )  # fmt: skip
     data_build.add_argument(
         "--train-soundfont", action="append", default=[], metavar="SF2",
         help="synthesise training versions with these soundfonts (repeat; default: TimGM6mb from pretty_midi); FluidR3 is refused",

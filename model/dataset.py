@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -42,16 +43,17 @@ from tqdm import tqdm
 from coverwatch.model.degrade import degrade, random_chain
 from coverwatch.model.render import (
     DEFAULT_COLLECTIONS,
-    LEAVEOUT_COLLECTIONS,
     HELD_OUT_SOUNDFONT,
+    LEAVEOUT_COLLECTIONS,
     TRAIN_SOUNDFONT,
-    _pick_unused,
-    check_soundfont_allowed,
     Arrangement,
     RenderError,
     Tune,
     TuneSkipped,
     TuneSource,
+    _pick_unused,
+    arrange,
+    check_soundfont_allowed,
     parse_tune,
     pass_seconds,
     random_arrangement,
@@ -60,6 +62,7 @@ from coverwatch.model.render import (
     synth_soundfont,
     write_text_atomic,
 )
+from coverwatch.model.styles import Style, arrange_styled, random_style
 from coverwatch.streamer.frontend.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,7 @@ class _Job:
     path: Path | None = None
     degradation: tuple[str, ...] = ()  # `coverwatch.model.degrade` chain applied after rendering
     degrade_seed: int = 0
+    style: Style | None = None  # played by `coverwatch.model.styles` instead of `render.arrange`
 
 
 def _digest(*parts: object) -> bytes:
@@ -199,7 +203,8 @@ def is_readable_audio(path: Path) -> bool:
 def _render_job(job: _Job) -> tuple[_Job, np.ndarray | None, str | None]:
     """Pool worker: render `job`; write it if it has a path. Returns (job, audio, error)."""
     try:
-        audio = render(job.tune, job.arrangement, job.max_seconds)
+        arranger = arrange if job.style is None else functools.partial(arrange_styled, style=job.style)
+        audio = render(job.tune, job.arrangement, job.max_seconds, arranger=arranger)
         if job.degradation:
             audio = degrade(audio, job.degradation, job.degrade_seed)
         if job.path is not None:
@@ -245,6 +250,7 @@ def build_cover_dataset(
     degrade_fraction: float = 0.0,
     exclude_families: frozenset[str] = frozenset(),
     train_soundfonts: Sequence[Path] = (TRAIN_SOUNDFONT,),
+    styled_fraction: float = 0.0,
 ) -> Path:
     """Render `n_groups` cover groups to out_dir/audio/<group_id>/v<version>.flac; return manifest.csv.
 
@@ -272,11 +278,18 @@ def build_cover_dataset(
       group's versions differ in synthesis too). The draw has its own random stream:
       the arrangements are those of the one-soundfont build. Validation keeps
       `HELD_OUT_SOUNDFONT`.
+    - `styled_fraction`: share of training versions (chosen by hash of seed, tune, version)
+      played by the second arranger, `coverwatch.model.styles` (its own harmonisation,
+      textures, melody placement, counter-lines, grooves, rubato), with the key, tempo,
+      programs and soundfont drawn as for the others. Its styles have their own random
+      stream; the files are v<version>_styled[_<chain>].flac and the manifest's
+      `accompaniment` column holds the style's name. Validation stays with `render.arrange`.
     """
-    if n_groups < 1 or versions_per_group < 1 or not 0.0 <= val_fraction <= 1.0 or not 0.0 <= degrade_fraction <= 1.0:
+    fractions = {"val_fraction": val_fraction, "degrade_fraction": degrade_fraction, "styled_fraction": styled_fraction}
+    if n_groups < 1 or versions_per_group < 1 or not all(0.0 <= f <= 1.0 for f in fractions.values()):
         raise ValueError(
             f"bad sizes: n_groups={n_groups}, versions_per_group={versions_per_group}, "
-            f"val_fraction={val_fraction}, degrade_fraction={degrade_fraction}"
+            + ", ".join(f"{name}={value}" for name, value in fractions.items())
         )
     if not train_soundfonts:
         raise ValueError("train_soundfonts: at least one soundfont")
@@ -294,7 +307,9 @@ def build_cover_dataset(
         split = split_of(source.family, seed, val_fraction)
         rng = _rng("arrangement", seed, tune.tune_id)
         soundfont_rng = _rng("soundfont", seed, tune.tune_id)
+        style_rng = _rng("style", seed, tune.tune_id)
         arrangements: list[Arrangement] = []
+        styles: list[Style] = []
         for version in range(versions_per_group):
             if split == "val":
                 soundfont = HELD_OUT_SOUNDFONT
@@ -304,8 +319,10 @@ def build_cover_dataset(
                 soundfont = _pick_unused(soundfont_rng, train_soundfonts, {a.soundfont for a in arrangements})
             arrangement = random_arrangement(rng, soundfont, tune.base_tempo_bpm, arrangements)
             arrangements.append(arrangement)
+            styles.append(random_style(style_rng, styles))  # drawn for every version: a version's style does not depend on the fraction
+            styled = split == "train" and _unit_hash("styled", seed, tune.tune_id, version) < styled_fraction
             chain = _degradation_chain(seed, tune.tune_id, version, degrade_fraction)
-            suffix = "_" + "+".join(chain) if chain else ""
+            suffix = ("_styled" if styled else "") + ("_" + "+".join(chain) if chain else "")
             relative = Path("audio") / group_id_of(tune) / f"v{version}{suffix}.flac"
             degradation_of[group_id_of(tune), version] = "+".join(chain)
             rows.append(
@@ -319,11 +336,11 @@ def build_cover_dataset(
                     transpose=arrangement.transpose,
                     tempo_bpm=arrangement.tempo_bpm,
                     program=arrangement.program,
-                    accompaniment=arrangement.accompaniment,
+                    accompaniment=styles[-1].name if styled else arrangement.accompaniment,
                 )
             )
             degrade_seed = int.from_bytes(_digest("degrade-seed", seed, tune.tune_id, version)[:4], "big")
-            jobs.append(_Job(tune, arrangement, max_seconds, out_dir / relative, chain, degrade_seed))
+            jobs.append(_Job(tune, arrangement, max_seconds, out_dir / relative, chain, degrade_seed, styles[-1] if styled else None))
     attempted, failed = render_missing(jobs, desc="render")
     rows = sorted((row for row in rows if out_dir / row.path not in failed), key=lambda r: (r.group_id, r.version))
     manifest = out_dir / "manifest.csv"

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -536,15 +536,19 @@ def _ornament(notes: Sequence[Note], tune: Tune, ornament: str) -> list[Note]:
     return result
 
 
-def _melody_shift(notes: Sequence[Note], arrangement: Arrangement) -> int:
-    """Semitones to add to the melody: transpose + octave shift, folded into MELODY_RANGE."""
-    shift = arrangement.transpose + 12 * arrangement.octave_shift
+def fold_shift(notes: Sequence[Note], shift: int, low: int, high: int) -> int:
+    """`shift` moved by octaves so that the notes' median pitch plus it lies in [low, high]."""
     median = float(np.median([pitch for pitch, _, _ in notes]))
-    while median + shift > MELODY_RANGE[1]:
+    while median + shift > high:
         shift -= 12
-    while median + shift < MELODY_RANGE[0]:
+    while median + shift < low:
         shift += 12
     return shift
+
+
+def _melody_shift(notes: Sequence[Note], arrangement: Arrangement) -> int:
+    """Semitones to add to the melody: transpose + octave shift, folded into MELODY_RANGE."""
+    return fold_shift(notes, arrangement.transpose + 12 * arrangement.octave_shift, *MELODY_RANGE)
 
 
 def _accompaniment(tune: Tune, arrangement: Arrangement) -> dict[str, list[tuple[int, float, float, float]]]:
@@ -749,8 +753,16 @@ def silence_all_voices(midi: pretty_midi.PrettyMIDI, at_s: float) -> None:
         instrument.control_changes.append(pretty_midi.ControlChange(number=120, value=0, time=at_s))
 
 
-def render(tune: Tune, arrangement: Arrangement, max_seconds: float | None = None) -> np.ndarray:
+def render(
+    tune: Tune,
+    arrangement: Arrangement,
+    max_seconds: float | None = None,
+    arranger: Callable[[Tune, Arrangement, float | None], pretty_midi.PrettyMIDI] | None = None,
+) -> np.ndarray:
     """Synthesise `tune` under `arrangement`: float32 mono, shape (n_samples,), at SAMPLE_RATE.
+
+    `arranger` makes the MIDI performance (default `arrange`; `coverwatch.model.styles`
+    has a second one).
 
     Runs the fluidsynth CLI on a temporary MIDI file, mixes to mono, trims trailing
     silence (below `SILENCE_DB` re peak) and peak-normalises to `PEAK_LEVEL`. With
@@ -758,7 +770,7 @@ def render(tune: Tune, arrangement: Arrangement, max_seconds: float | None = Non
     `RenderError` (fluidsynth failure, timeout, silent output) or `ReservedDataError`.
     """
     soundfont = synth_soundfont(arrangement.soundfont)
-    midi = arrange(tune, arrangement, max_seconds)
+    midi = (arranger or arrange)(tune, arrangement, max_seconds)
     if not midi.instruments:
         raise RenderError(f"{tune.tune_id}: nothing to play")
     silence_all_voices(midi, midi.get_end_time() + SOUND_OFF_AFTER_S)
