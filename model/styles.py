@@ -18,8 +18,10 @@ arranger changes what `render.arrange` keeps fixed:
   with fills, human timing and velocity spread, slow tempo drift (rubato), dynamics
   swelling over a pass.
 
-The leave-out arranger (`coverwatch.model.leaveout`) stays separate from both; see
-bench/EXPERIMENT_styles.md for how far this moves the leave-out figures.
+The leave-out arranger (`coverwatch.model.leaveout`) stays separate from both. Some of its
+categories have counterparts here (re-harmonisation, arpeggios, a counter-line), written
+with other rules, so a model trained on this arranger's output should be judged on the
+real tune variants and the simulated broadcast as well as on the leave-out set.
 
 Times are in beats (quarter notes) until `arrange_styled` maps them to seconds.
 """
