@@ -757,12 +757,11 @@ def render(
     tune: Tune,
     arrangement: Arrangement,
     max_seconds: float | None = None,
-    arranger: Callable[[Tune, Arrangement, float | None], pretty_midi.PrettyMIDI] | None = None,
+    arranger: Callable[[Tune, Arrangement, float | None], pretty_midi.PrettyMIDI] = arrange,
 ) -> np.ndarray:
     """Synthesise `tune` under `arrangement`: float32 mono, shape (n_samples,), at SAMPLE_RATE.
 
-    `arranger` makes the MIDI performance (default `arrange`; `coverwatch.model.styles`
-    has a second one).
+    `arranger` makes the MIDI performance (`coverwatch.model.styles` has a second one).
 
     Runs the fluidsynth CLI on a temporary MIDI file, mixes to mono, trims trailing
     silence (below `SILENCE_DB` re peak) and peak-normalises to `PEAK_LEVEL`. With
@@ -770,7 +769,7 @@ def render(
     `RenderError` (fluidsynth failure, timeout, silent output) or `ReservedDataError`.
     """
     soundfont = synth_soundfont(arrangement.soundfont)
-    midi = (arranger or arrange)(tune, arrangement, max_seconds)
+    midi = arranger(tune, arrangement, max_seconds)
     if not midi.instruments:
         raise RenderError(f"{tune.tune_id}: nothing to play")
     silence_all_voices(midi, midi.get_end_time() + SOUND_OFF_AFTER_S)

@@ -373,14 +373,14 @@ def arrange_styled(tune: Tune, arrangement: Arrangement, max_seconds: float | No
         melody_program = int(rng.choice(LOW_MELODY_PROGRAMS))
     chords = harmonise(tune, style, rng)
     pass_events: list[Event] = []
-    for index, (pitch, start, duration) in enumerate(melody):
+    doubling = 12 if float(np.median([p for p, _, _ in melody])) + shift < 70 else -12  # an octave above a low tune, below a high one
+    for pitch, start, duration in melody:
         part = "melody"
         if style.melody_role == "shared" and (tune.bar_of(start) // 2) % 2 == 1:
             part = "second"
         pass_events.append((part, pitch + shift, start, duration, 1.0))
         if style.melody_role == "doubled":
-            octave = 12 if float(np.median([p for p, _, _ in melody])) + shift < 70 else -12
-            pass_events.append(("second", pitch + shift + octave, start, duration, 0.7))
+            pass_events.append(("second", pitch + shift + doubling, start, duration, 0.7))
     texture = texture_events(tune, style, chords, arrangement.transpose, accomp_range)
     if style.melody_role == "bass":
         texture = [event for event in texture if event[0] != "bass"]  # the tune is the bass line
