@@ -182,6 +182,16 @@ def cmd_export(args: argparse.Namespace, cfg: Config) -> ExitCode:
     return ExitCode.OK
 
 
+def cmd_soup(args: argparse.Namespace, cfg: Config) -> ExitCode:
+    with needs_extra("train"):
+        from coverwatch.model.soup import make_soup
+
+    cache = Path(args.cache) if args.cache else Path(args.out).parent / "features"
+    out = make_soup(Path(args.start), Path(args.tuned), args.alpha, Path(args.manifest), cache, Path(args.out), cfg.train)
+    print(json.dumps({"checkpoint": str(out), "alpha": args.alpha}))
+    return ExitCode.OK
+
+
 def cmd_quantize(args: argparse.Namespace, cfg: Config) -> ExitCode:
     with needs_extra("quantize"):
         from coverwatch.model.quantize import quantize_model
@@ -452,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a run's best.pt or last.pt")
     export.add_argument("--out", required=True, metavar="DIR", help="model folder to write (cqt.onnx, encoder.onnx, model.json)")
     export.set_defaults(func=cmd_export)
+
+    soup = command(sub, "soup", "interpolate two encoders of one lineage in weight space (needs the train extra)")
+    soup.add_argument("--start", required=True, help="the starting point: a .pt checkpoint or an exported model folder")
+    soup.add_argument("--tuned", required=True, help="the fine-tuned end: a .pt checkpoint or an exported model folder")
+    soup.add_argument("--alpha", type=float, default=0.5, help="0 = start, 1 = tuned (default 0.5)")
+    soup.add_argument("--manifest", required=True, help="training manifest whose batches re-measure the norms")
+    soup.add_argument("--cache", default=None, metavar="DIR", help="CQT feature cache (default beside OUT)")
+    soup.add_argument("--out", required=True, metavar="PT", help="checkpoint to write, for `coverwatch export`")
+    soup.set_defaults(func=cmd_soup)
 
     # A command of its own rather than `export --quantize`: it starts from an exported folder,
     # not a checkpoint, so it runs without torch (onnx + onnxruntime, the `quantize` extra).
