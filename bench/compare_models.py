@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,14 +44,14 @@ def rows(results: list[tuple[str, str, dict]]) -> list[tuple[str, str, str, list
         if BASELINE in report["methods"] and set_name not in baselines:
             baselines.add(set_name)
             out.append((set_name, "chroma 2D-FTM baseline", "", curve(report["methods"][BASELINE])))
-    return sorted(out, key=lambda row: row[0])
+    return sorted(out, key=lambda row: (row[0], row[1] == "chroma 2D-FTM baseline"))  # stable: models in input order, baseline last
 
 
 def markdown(section: str, table: list[tuple[str, str, str, list[float]]], sizes: dict[str, str], plot: Path | None) -> str:
     lines = [
         section,
         "",
-        f"Date: {datetime.date.today().isoformat()} · command: `python {' '.join(['bench/compare_models.py', *sys.argv[1:]])}`",
+        f"Date: {datetime.date.today().isoformat()} · command: `python {shlex.join(['bench/compare_models.py', *sys.argv[1:]])}`",
         "",
         "Sets: " + "; ".join(f"{name} ({size})" for name, size in sizes.items()) + ".",
     ]
