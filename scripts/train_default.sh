@@ -2,7 +2,7 @@
 # Reproduce the shipped default model (streamer/default_model) and its evaluation reports.
 # Needs the train and data extras and Debian's fluidsynth, musescore-general-soundfont,
 # csound-soundfont and opl3-soundfont.
-# Six stages on 2 CPU cores:
+# Five stages on 2 CPU cores:
 #   1. the full recipe from scratch on 2000 rendered cover groups (~35 min rendering,
 #      ~6 min CQT features, ~45 min training: 7000 steps);
 #   2. fine-tuning of that encoder on the same groups with 30 % of the versions degraded
@@ -16,11 +16,6 @@
 #      with three soundfonts (TimGM6mb, csound's sf_GMbank, the OPL3 FM bank; Debian's
 #      csound-soundfont and opl3-soundfont) instead of one (~15 min rendering, ~3 min
 #      features, ~18 min: 2500 steps; bench/EXPERIMENT_multisynth.md).
-#   6. a fine-tune of stage 5's encoder on 2000 groups, half of whose versions are played by a
-#      second arranger (model/styles.py), with out-of-catalog music in every batch (Debian's
-#      colobot-common-sounds, lincity-ng-data, extremetuxracer-data, marsshooter-data;
-#      ~32 min rendering, ~37 min: 3000 steps), then the weights 3/4 of the way from stage 5's
-#      to that run's (`coverwatch soup`; bench/EXPERIMENT_styles.md).
 # The held-out variant families never enter any stage (--hold-out-variants; stage 1's
 # families are excluded from the held-out evaluation set by --exclude-trained).
 set -euo pipefail
@@ -49,23 +44,9 @@ coverwatch data build --out "$CACHE/covers_multisynth" --groups 1500 --max-secon
     --train-soundfont "$TIMGM6MB" --train-soundfont /usr/share/sounds/sf2/sf_GMbank.sf2 --train-soundfont /usr/share/sounds/sf2/OPL-3_FM_128M.sf2
 coverwatch data merge --covers "$CACHE/covers_multisynth/manifest.csv" --variants "$CACHE/variants/train/manifest.csv" --out "$CACHE/train_multisynth/manifest.csv"
 coverwatch --config scripts/finetune_multisynth.toml train --manifest "$CACHE/train_multisynth/manifest.csv" --out "$RUN/stage5" --cache "$CACHE/features" --init "$RUN/stage4/best.pt"
-coverwatch export --checkpoint "$RUN/stage5/best.pt" --out "$RUN/stage5/model"
-
-# Stage 6: a second arranger and out-of-catalog negatives, then a soup with stage 5
-coverwatch data build --out "$CACHE/covers_styled" --groups 2000 --max-seconds 40 --seed 0 --degrade-fraction 0.3 --hold-out-variants --styled-fraction 0.5 \
-    --train-soundfont "$TIMGM6MB" --train-soundfont /usr/share/sounds/sf2/sf_GMbank.sf2 --train-soundfont /usr/share/sounds/sf2/OPL-3_FM_128M.sf2
-coverwatch data merge --covers "$CACHE/covers_styled/manifest.csv" --variants "$CACHE/variants/train/manifest.csv" --out "$CACHE/train_styled/manifest.csv"
-coverwatch data negatives --out "$CACHE/negatives"
-coverwatch --config scripts/finetune_styles_outside.toml train --manifest "$CACHE/train_styled/manifest.csv" --out "$RUN/stage6" --cache "$CACHE/features" \
-    --init "$RUN/stage5/model" --negatives "$CACHE/negatives/manifest.csv"
-coverwatch --config scripts/finetune_styles_outside.toml soup --start "$RUN/stage5/model" --tuned "$RUN/stage6/last.pt" --alpha 0.75 \
-    --manifest "$CACHE/train_styled/manifest.csv" --cache "$CACHE/features" --out "$RUN/stage6/soup75.pt"
-coverwatch export --checkpoint "$RUN/stage6/soup75.pt" --out streamer/default_model
+coverwatch export --checkpoint "$RUN/stage5/best.pt" --out streamer/default_model
 
 # Evaluation: rendered covers never trained on, and real tune variants never trained on
 coverwatch evaluate --manifest "$CACHE/covers/manifest.csv" --split val --report bench/MODEL_RESULTS.md
 coverwatch data variants --which heldout --out "$CACHE/variants/heldout" --groups 150 --exclude-trained "$CACHE/covers/manifest.csv"
 coverwatch evaluate --manifest "$CACHE/variants/heldout/manifest.csv" --split val --report bench/MODEL_RESULTS_variants.md
-# The leave-out protocol (every axis of the material differs from training; docs/evaluation.md)
-coverwatch data leaveout --out "$CACHE/leaveout" --groups 120 --seed 0
-coverwatch evaluate --manifest "$CACHE/leaveout/manifest.csv" --split val --report bench/MODEL_RESULTS_leaveout.md
