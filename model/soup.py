@@ -96,11 +96,8 @@ def make_soup(start: Path, tuned: Path, alpha: float, manifest: Path, cache_dir:
     groups = _group_tracks(tracks)
     rng = np.random.default_rng([cfg.seed, 2**30])
     batches = [sample_batch(groups, cfg, rng)[0] for _ in range(SOUP_NORM_BATCHES)]
-    tuned_model = load_checkpoint(tuned) if not tuned.is_dir() else None
-    n_classes = tuned_model.dims.n_classes if tuned_model is not None else len(groups)
-    start_model = load_encoder(start, n_classes, batches)
-    tuned_model = tuned_model if tuned_model is not None else load_encoder(tuned, n_classes, batches)
-    soup = interpolate(start_model, tuned_model, alpha)
+    # n_classes only sizes the classifier of an imported folder; interpolate ignores it.
+    soup = interpolate(load_encoder(start, len(groups), batches), load_encoder(tuned, len(groups), batches), alpha)
     remeasure_batchnorm(soup, batches)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
