@@ -21,8 +21,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from report import write_section  # noqa: E402  bench/report.py, beside this script
+import matplotlib.pyplot as plt
+from report import write_section  # bench/report.py, beside this script
 
 LENGTHS = ("5s", "10s", "20s", "30s", "60s")
 METHODS = {"model": "encoder", "model + alignment (identify)": "+ alignment"}
